@@ -1,0 +1,29 @@
+"""Model registry: ``model.kind`` in the config -> a Policy (fastflow.rollout.Policy).
+
+Entries are "module:factory" strings imported lazily, so a run of the shapes task never imports
+diffusers. Each factory takes ``(cfg, device)`` (the whole fastflow.config.Config) and returns a
+Policy.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+REGISTRY: dict[str, str] = {
+    "toy": "fastflow.models.toy:build_policy",
+    "shapes": "fastflow.shapes.policy:build_policy",
+    "sd3": "fastflow.models.sd3:build_policy",
+    "flux": "fastflow.models.flux:build_policy",
+}
+
+
+def resolve(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_policy(cfg, device):
+    kind = cfg.model.kind
+    if kind not in REGISTRY:
+        raise ValueError(f"model.kind: unknown model {kind!r}; known: {', '.join(sorted(REGISTRY))}")
+    return resolve(REGISTRY[kind])(cfg, device)
