@@ -29,6 +29,12 @@ class Policy(Protocol):
 
     Implementations: fastflow.models.toy (tests), fastflow.shapes (the embedded default),
     fastflow.models.sd3 and fastflow.models.flux (diffusers).
+
+    Optional hooks the trainer uses when present: ``default_prompts(split) -> list[Prompt]``
+    (built-in prompt lists, split "train"/"eval"), ``eval_metrics(images, prompts, metadata) ->
+    dict[str, Tensor[B]]`` (evaluation metrics, e.g. strict accuracy, instead of the reward),
+    ``prompt_category(text) -> str`` (groups the evaluation table) and ``export(directory)``
+    (writes the trained weights in the model's native format at the end of a run).
     """
 
     #: per-sample latent shape, e.g. (16, 64, 64) for SD3.5 at 512 px.
@@ -147,10 +153,29 @@ def sde_window(num_steps: int, window_size: int | None, start: int | None) -> ra
     return range(start, start + window_size)
 
 
-def initial_noise(batch: int, shape: Sequence[int], generator: torch.Generator | None,
-                  device) -> Tensor:
-    return torch.randn((batch, *shape), generator=generator, dtype=torch.float32,
-                       device=generator.device if generator is not None else device).to(device)
+class _NoiseSource:
+    """Standard normal noise per sample (one generator per seed) or per batch (one generator)."""
+
+    def __init__(self, seeds: Tensor | None, generator: torch.Generator | None, device):
+        self.device = torch.device(device)
+        self.generator = generator
+        self.gens = None
+        if seeds is not None:
+            self.gens = []
+            for s in torch.as_tensor(seeds).reshape(-1).tolist():
+                g = torch.Generator(device=self.device)
+                g.manual_seed(int(s))
+                self.gens.append(g)
+
+    def draw(self, shape: Sequence[int]) -> Tensor:
+        if self.gens is not None:
+            if len(self.gens) != shape[0]:
+                raise ValueError(f"{len(self.gens)} seeds for a batch of {shape[0]}")
+            return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32,
+                                            device=self.device) for g in self.gens])
+        dev = self.generator.device if self.generator is not None else self.device
+        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32,
+                           device=dev).to(self.device)
 
 
 @torch.no_grad()
@@ -163,6 +188,7 @@ def sample(
     noise_level: float,
     kind: str = "sde",
     generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
     window: range | None = None,
     prompt_ids: Tensor | None = None,
     latents: Tensor | None = None,
@@ -173,13 +199,17 @@ def sample(
 
     kind: "sde" / "cps" for rollouts (steps outside ``window`` run the ODE); "ode" for
         evaluation (nothing recorded, no log-probs, never NaN).
-    latents: the initial noise ``[B, *latent_shape]``; drawn from ``generator`` when None.
+    seeds: ``[B]`` one integer seed per sample: its initial noise and every step's noise come from
+        its own generator, so a sample's trajectory does not depend on the batch it is drawn in,
+        its position, or the number of ranks (preferred over ``generator``).
+    latents: the initial noise ``[B, *latent_shape]``; drawn from ``seeds``/``generator`` when None.
     autocast: a context (e.g. bf16 autocast) around each model call; the trainer passes the same.
     """
     batch = _cond_batch(cond)
     device = device if device is not None else _cond_device(cond)
+    noise_source = _NoiseSource(seeds, generator, device)
     if latents is None:
-        latents = initial_noise(batch, policy.latent_shape, generator, device)
+        latents = noise_source.draw((batch, *policy.latent_shape))
     x = latents.to(torch.float32)
     sigmas = policy.sigmas(num_steps).to(torch.float32)
     guard = float(sigmas[1])
@@ -192,10 +222,7 @@ def sample(
         with autocast or contextlib.nullcontext():
             v = policy.velocity(x, s, cond, guidance_scale=guidance_scale)
         step_kind = kind if (record and i in window) else "ode"
-        noise = None
-        if step_kind != "ode":
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else device).to(device)
+        noise = noise_source.draw(x.shape) if step_kind != "ode" else None
         out = ops.sde_step(x, v, s, s_next, noise_level=noise_level, kind=step_kind, noise=noise,
                            sigma_guard=guard)
         if step_kind != "ode":

@@ -23,6 +23,16 @@ COLORS = {
 WORDS = ["<null>"] + sorted(COLORS)
 
 
+def color_word(prompt: str) -> str | None:
+    """The first colour word of a prompt (None for the empty prompt)."""
+    if not prompt.strip():
+        return None
+    for w in prompt.lower().split():
+        if w in COLORS:
+            return w
+    raise ValueError(f"toy model: no colour word in prompt {prompt!r}; known: {sorted(COLORS)}")
+
+
 class ToyVelocityNet(nn.Module):
     def __init__(self, latent_dim: int, hidden: int = 64, embed: int = 16):
         super().__init__()
@@ -49,12 +59,7 @@ class ToyPolicy:
         self._active = self.net
 
     def encode_prompts(self, prompts: Sequence[str]) -> dict:
-        ids = []
-        for p in prompts:
-            word = p.strip().split()[-1].lower() if p.strip() else "<null>"
-            if word not in COLORS:
-                raise ValueError(f"toy model: unknown colour in prompt {p!r}; known: {sorted(COLORS)}")
-            ids.append(WORDS.index(word))
+        ids = [WORDS.index(color_word(p) or "<null>") for p in prompts]
         return {"token": torch.tensor(ids, dtype=torch.long, device=self.device)}
 
     def sigmas(self, num_steps: int) -> Tensor:
@@ -68,6 +73,11 @@ class ToyPolicy:
                             torch.cat([torch.zeros_like(tok), tok]))
         uncond, cond_v = both.chunk(2)
         return GuidedVelocity(uncond, cond_v, guidance_scale)
+
+    def default_prompts(self, split: str):
+        from fastflow.data import Prompt
+        words = sorted(COLORS) if split == "train" else ["red", "blue"]
+        return [Prompt(f"a {w} square") for w in words]
 
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents.float() + 1) / 2).clamp(0, 1)
@@ -91,7 +101,7 @@ class ColorReward:
         self.device = device
 
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata=None) -> Tensor:
-        target = torch.tensor([COLORS[p.strip().split()[-1].lower()] for p in prompts],
+        target = torch.tensor([COLORS[color_word(p)] for p in prompts],
                               dtype=torch.float32)
         return -(images.float().cpu() - target[:, :, None, None]).abs().mean(dim=(1, 2, 3))
 

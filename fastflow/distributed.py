@@ -1,0 +1,94 @@
+"""torch.distributed plumbing under torchrun: process group, rank-aware helpers, gathers.
+
+Single-process runs (no torchrun) need none of it: every helper degrades to the identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device: 'cuda' asked for, but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_pref: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), or run alone."""
+    world = world_size_from_env()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0 (rank order)."""
+    if not info.enabled:
+        return t
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    local = t.detach().to(dev).contiguous()
+    out = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(out, local)
+    return torch.cat(out).to(t.device)
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Average tensors (e.g. gradients) over ranks in place."""
+    if not info.enabled:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(info.world_size)
+
+
+def all_reduce_sum_(t: torch.Tensor, info: DistInfo) -> None:
+    """Sum a tensor over ranks in place (CPU tensors travel through the backend's device)."""
+    if not info.enabled:
+        return
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    buf = t.to(dev)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    t.copy_(buf.to(t.device))
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,518 @@
+"""Flow-GRPO training loop: ``python -m fastflow.train [CONFIG.toml] [--resume [PATH]] [--section.key V ...]``.
+
+One loop for every model (toy, shapes, SD3, FLUX): per iteration
+  1. pick ``prompts_per_iter`` prompts, ``group_size`` samples each, spread over the ranks;
+  2. rollout with the reduced-step SDE, recording log-probs (fastflow.rollout.sample);
+  3. rewards (a worker thread scores batch k while batch k+1 samples), gathered over ranks;
+  4. group-relative advantages (fastflow.grpo.group_advantages);
+  5. one inner epoch over the trained timesteps: clipped loss + beta * KL (fastflow.ops), gradient
+     accumulation, grad-norm clip, AdamW, EMA every ``ema_every`` optimizer steps;
+  6. periodic evaluation with the ODE at the full step count (EMA weights), logging, checkpoints.
+
+Randomness is stateless: every draw of iteration ``it`` comes from generators seeded by
+(seed, it, ...) and every sample's noise from (seed, it, its global index), so a resumed run
+continues exactly as an uninterrupted one and a sample's images do not depend on the number of
+ranks or its batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastflow import ops
+from fastflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastflow.config import ConfigError, parse_cli, to_toml, validate
+from fastflow.data import Prompt, load_prompts
+from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_mean_, all_reduce_sum_,
+                                  init_distributed, shutdown, world_size_from_env)
+from fastflow.ema import EMA
+from fastflow.grpo import group_advantages, group_stats
+from fastflow.metrics import MetricsLogger, plot_curves
+from fastflow.models import build_policy
+from fastflow.rewards import WeightedReward
+from fastflow.rollout import Trajectory, recompute_step, sample, sde_window
+
+log = logging.getLogger("fastflow.train")
+
+
+# ----------------------------------------------------------------------------------- randomness
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs, platforms and processes)."""
+    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def generator(*parts: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+# Stream ids keep the uses of (seed, iteration) apart.
+_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL = 1, 2, 3, 4, 5
+
+
+@dataclass
+class RolloutBatch:
+    traj: Trajectory
+    rewards: Tensor            # [n] this rank's total rewards
+    parts: dict[str, Tensor]   # component rewards
+    group_ids: Tensor          # [n] prompt slot within the iteration (the group)
+    prompts: list[Prompt]
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    def __init__(self, cfg, derived, info: DistInfo, resume: str | None = None):
+        self.cfg, self.derived, self.info = cfg, derived, info
+        self.device = info.device
+        self.run_dir = self._run_dir(resume)
+        self.stop_requested = False
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard)
+
+        torch.manual_seed(derive_seed(cfg.run.seed, _GLOBAL))
+        self.policy = build_policy(cfg, self.device)
+        self.params = self.policy.named_trainable_parameters()
+        if not self.params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = build_optimizer(cfg, list(self.params.values()))
+        self.ema = EMA(self.params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema else None
+        self.reward = WeightedReward(cfg.reward.weights, "cpu", cfg.reward.options)
+        self.train_prompts = load_prompt_split(cfg, self.policy, "train")
+        self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
+        if cfg.eval.max_prompts:
+            self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
+        self.autocast = make_autocast(cfg.model.dtype, self.device)
+        self.iteration = 0
+        self.optimizer_steps = 0
+        if resume is not None:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _run_dir(self, resume: str | None) -> Path:
+        base = Path(self.cfg.run.output_dir) / self.cfg.run.name
+        if resume is not None and resume != "auto":
+            return Path(resume).resolve().parent.parent  # <run>/checkpoints/iter-N
+        if resume == "auto" or not base.exists() or not any(base.iterdir()):
+            return base
+        # Never write a fresh run over an old one: pick the next free name.
+        n = 1
+        while (base.parent / f"{base.name}-{n}").exists():
+            n += 1
+        new = base.parent / f"{base.name}-{n}"
+        if self.info.is_main:
+            print(f"fastflow: {base} holds an earlier run; writing this one to {new} "
+                  f"(use --resume to continue the earlier one)", file=sys.stderr)
+        return new
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            if self.info.is_main:
+                print(f"fastflow: no checkpoint in {self.run_dir}; starting fresh", file=sys.stderr)
+            return
+        ck = load_checkpoint(path, map_location=self.device)
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if n not in ck["trainable"]:
+                    raise ValueError(f"checkpoint {path} lacks parameter {n}")
+                p.copy_(ck["trainable"][n])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        st = ck["state"]
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.load_state_dict(ck["ema"], st.get("ema_optimizer_steps", 0))
+        self.iteration = int(st["iteration"])
+        self.optimizer_steps = int(st.get("optimizer_steps", 0))
+        self.logger.truncate_after(self.iteration)
+        if self.info.is_main:
+            print(f"fastflow: resumed from {path} at iteration {self.iteration}", file=sys.stderr)
+
+    def save(self) -> Path | None:
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(
+                self.run_dir, self.iteration,
+                trainable={n: p for n, p in self.params.items()},
+                optimizer_state=self.optimizer.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None,
+                state={"optimizer_steps": self.optimizer_steps,
+                       "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0},
+                keep=self.cfg.checkpoint.keep)
+        return path
+
+    # ------------------------------------------------------------------ one iteration
+    def rollout(self, it: int) -> RolloutBatch:
+        cfg, d, info = self.cfg, self.derived, self.info
+        s = cfg.sample
+        g = generator(cfg.run.seed, it, _PROMPTS)  # identical on every rank
+        num = len(self.train_prompts)
+        P, G = s.prompts_per_iter, s.group_size
+        slots = torch.randperm(num, generator=g)[:P] if P <= num else torch.randint(num, (P,), generator=g)
+        group_of = torch.arange(P).repeat_interleave(G)          # [P*G] group (slot) of each sample
+        order = torch.randperm(P * G, generator=g)               # groups spread over ranks
+        mine = order[info.rank * d.images_per_rank:(info.rank + 1) * d.images_per_rank]
+        window = None
+        if s.window_size:
+            start = s.window_start if s.window_start >= 0 else int(
+                torch.randint(s.train_steps - s.window_size + 1, (1,), generator=g))
+            window = sde_window(s.train_steps, s.window_size, start)
+
+        trajs, futures, prompts_all = [], [], []
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            for batch in mine.split(s.batch_size):
+                prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
+                texts = [p.text for p in prompts]
+                cond = self.policy.encode_prompts(texts)
+                seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
+                traj = sample(self.policy, cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
+                              noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
+                              prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
+                images = self.policy.decode(traj.final).float().cpu()
+                # score this batch while the next one samples
+                futures.append(pool.submit(self.reward, images, texts, [p.metadata for p in prompts]))
+                trajs.append(traj)
+                prompts_all += prompts
+            results = [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True)
+        rewards = torch.cat([r[0] for r in results])
+        parts = {k: torch.cat([r[1][k] for r in results]) for k in results[0][1]}
+        return RolloutBatch(Trajectory.cat(trajs), rewards, parts, group_of[mine], prompts_all)
+
+    def advantages(self, rb: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
+        all_r = all_gather_cat(rb.rewards, self.info)
+        all_g = all_gather_cat(rb.group_ids, self.info)
+        adv_all = group_advantages(all_r, all_g, global_std=self.cfg.train.global_std,
+                                   clip=self.cfg.train.adv_clip)
+        n = rb.rewards.shape[0]
+        adv = adv_all[self.info.rank * n:(self.info.rank + 1) * n]
+        stats = group_stats(all_r, all_g)
+        stats.update(reward_mean=float(all_r.mean()), reward_std=float(all_r.std(unbiased=False)))
+        for k, v in rb.parts.items():
+            stats[f"reward/{k}"] = float(all_gather_cat(v, self.info).mean())
+        return adv, stats
+
+    def train_on(self, rb: RolloutBatch, adv: Tensor, it: int) -> dict[str, float]:
+        cfg, d = self.cfg, self.derived
+        s, t = cfg.sample, cfg.train
+        traj = rb.traj
+        k_train = d.trained_timesteps
+        tb = d.train_batch_size
+        sums: dict[str, float] = {}
+        counts = 0
+        skipped = 0
+        params = list(self.params.values())
+        grad_norms = []
+        for epoch in range(t.inner_epochs):
+            perm = torch.randperm(traj.batch_size, generator=generator(cfg.run.seed, it, _SHUFFLE, self.info.rank, epoch))
+            batches = list(perm.split(tb))
+            for b_i, idx in enumerate(batches):
+                sub = traj.select(idx.to(traj.latents.device))
+                a = adv[idx].to(self.device)
+                for j in range(k_train):
+                    v = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale, autocast=self.autocast)
+                    v_ref = None
+                    if t.beta > 0:
+                        with torch.no_grad():
+                            v_ref = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale,
+                                                   autocast=self.autocast, reference=True)
+                    loss, stats = ops.grpo_step_loss(
+                        sub.latents[:, j], sub.next_latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
+                        sub.log_probs[:, j], a, noise_level=s.noise_level, clip_range=t.clip_range,
+                        beta=t.beta, velocity_ref=v_ref, kind=s.kind, sigma_guard=sub.sigma_guard)
+                    if not torch.isfinite(loss):
+                        skipped += 1
+                        log.warning("iteration %d: non-finite loss at step %d; skipped", it, j)
+                        continue
+                    (loss / (t.grad_accum * k_train)).backward()
+                    counts += 1
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss)
+                    for k, v_ in stats.items():
+                        if k in ("ratio_min", "ratio_max"):
+                            prev = sums.get(k)
+                            val = float(v_)
+                            sums[k] = val if prev is None else (min(prev, val) if k == "ratio_min" else max(prev, val))
+                        else:
+                            sums[k] = sums.get(k, 0.0) + float(v_)
+                if (b_i + 1) % t.grad_accum == 0 or b_i == len(batches) - 1:
+                    gn = self.optimizer_step(params, it)
+                    if gn is not None:
+                        grad_norms.append(gn)
+        out = {k: (v if k in ("ratio_min", "ratio_max") else v / max(counts, 1)) for k, v in sums.items()}
+        out.update(skipped_steps=skipped, optimizer_steps=self.optimizer_steps,
+                   grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"))
+        return out
+
+    def optimizer_step(self, params: list[torch.nn.Parameter], it: int) -> float | None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        all_reduce_mean_(grads, self.info)
+        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        if not torch.isfinite(gn):
+            log.warning("iteration %d: non-finite gradient norm; optimizer step skipped", it)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.on_optimizer_step()
+        return float(gn)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, tag: str | None = None) -> dict[str, Any]:
+        """ODE sampling at the full step count on the held-out prompts x seeds, with EMA weights."""
+        cfg = self.cfg
+        ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        pairs = [(i, seed) for i in range(len(self.eval_prompts)) for seed in range(cfg.eval.seeds)]
+        pairs = pairs[self.info.rank::self.info.world_size]
+        per_image: dict[str, list[float]] = {}
+        cats: list[str] = []
+        images_keep = []
+        t0 = time.perf_counter()
+        with ctx:
+            for start in range(0, len(pairs), cfg.eval.batch_size):
+                chunk = pairs[start:start + cfg.eval.batch_size]
+                prompts = [self.eval_prompts[i] for i, _ in chunk]
+                texts = [p.text for p in prompts]
+                metas = [p.metadata for p in prompts]
+                cond = self.policy.encode_prompts(texts)
+                seeds = torch.tensor([derive_seed(cfg.run.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
+                traj = sample(self.policy, cond, num_steps=cfg.sample.eval_steps,
+                              guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
+                              kind="ode", seeds=seeds, autocast=self.autocast, device=self.device)
+                images = self.policy.decode(traj.final).float().cpu()
+                if len(images_keep) < 64:
+                    images_keep.append(images[: 64 - len(images_keep)])
+                metrics = eval_metrics(self.policy, self.reward, images, texts, metas)
+                for k, v in metrics.items():
+                    per_image.setdefault(k, []).extend(float(x) for x in v)
+                cats += [prompt_category(self.policy, p) for p in prompts]
+        # Sums and counts per (category, metric), reduced over ranks: every rank knows every
+        # category from the shared prompt list, so the table has the same layout everywhere.
+        all_cats = sorted({prompt_category(self.policy, p) for p in self.eval_prompts})
+        keys = sorted(per_image)
+        sums = torch.zeros(len(all_cats) + 1, len(keys), 2, dtype=torch.float64)
+        for ki, k in enumerate(keys):
+            for cat, val in zip(cats, per_image[k]):
+                for row in (all_cats.index(cat), len(all_cats)):
+                    sums[row, ki] += torch.tensor([val, 1.0], dtype=torch.float64)
+        all_reduce_sum_(sums, self.info)
+        out: dict[str, Any] = {"eval/time_s": time.perf_counter() - t0}
+        for row, cat in enumerate(all_cats + ["overall"]):
+            for ki, k in enumerate(keys):
+                if sums[row, ki, 1] > 0:
+                    out[f"eval/{cat}/{k}"] = float(sums[row, ki, 0] / sums[row, ki, 1])
+        if tag and self.info.is_main and images_keep:
+            save_grid(torch.cat(images_keep), self.run_dir / f"samples_{tag}.png")
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        self._install_signal_handlers()
+        t_start = time.perf_counter()
+        last_eval: dict[str, Any] = {}
+        if self.iteration == 0 and cfg.eval.every > 0:
+            last_eval = self.evaluate("before")
+            self.logger.log(0, last_eval)
+            self.first_eval = last_eval
+        bar = None
+        if info.is_main and cfg.log.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.run.iterations, initial=self.iteration, desc="flow-grpo", unit="it",
+                       dynamic_ncols=True)
+        while self.iteration < cfg.run.iterations and not self.stop_requested:
+            it = self.iteration
+            torch.manual_seed(derive_seed(cfg.run.seed, it, _GLOBAL))
+            t0 = time.perf_counter()
+            rb = self.rollout(it)
+            t1 = time.perf_counter()
+            adv, adv_stats = self.advantages(rb)
+            train_stats = self.train_on(rb, adv, it)
+            t2 = time.perf_counter()
+            self.iteration = it + 1
+            metrics = {**adv_stats, **train_stats, "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
+                       "time/images_per_s": rb.traj.batch_size / max(t1 - t0, 1e-9)}
+            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < cfg.run.iterations:
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+            if self.iteration % cfg.log.every == 0 or last_eval is metrics:
+                self.logger.log(self.iteration, metrics)
+            if bar is not None:
+                post = {"reward": f"{adv_stats['reward_mean']:.3f}"}
+                acc = _headline(last_eval)
+                if acc is not None:
+                    post["eval"] = f"{acc:.3f}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
+                self.save()
+            if cfg.run.max_minutes and (time.perf_counter() - t_start) / 60 > cfg.run.max_minutes:
+                if info.is_main:
+                    print(f"\nfastflow: run.max_minutes={cfg.run.max_minutes} reached at iteration "
+                          f"{self.iteration}; stopping", file=sys.stderr)
+                break
+        if bar is not None:
+            bar.close()
+        self.save()
+        final = {}
+        if not self.stop_requested:
+            final = self.evaluate("after")
+            self.logger.log(self.iteration, {**final, "final": 1})
+            if info.is_main:
+                plot_curves(self.logger.path, self.run_dir / "curves.png")
+                print(format_eval_table(getattr(self, "first_eval", {}), final))
+                print(f"fastflow: run directory {self.run_dir} (wall time "
+                      f"{(time.perf_counter() - t_start) / 60:.1f} min)")
+                if hasattr(self.policy, "export"):
+                    with (self.ema.applied() if self.ema else contextlib.nullcontext()):
+                        self.policy.export(self.run_dir / "final")
+        self.logger.close()
+        return final
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self.stop_requested:  # second signal: stop now (last checkpoint stays intact)
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print(f"\nfastflow: signal {signum}: finishing this iteration, checkpointing, then "
+                  f"stopping (send again to stop at once)", file=sys.stderr)
+        try:
+            signal.signal(signal.SIGINT, request_stop)
+            signal.signal(signal.SIGTERM, request_stop)
+        except ValueError:  # not in the main thread (e.g. called from a test thread)
+            pass
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("train.optimizer='adamw8bit' needs bitsandbytes: pip install 'fastflow[bnb]'") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    on_cuda = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=on_cuda or None, foreach=None if on_cuda else True, **kw)
+
+
+def make_autocast(dtype: str, device: torch.device):
+    if dtype == "float32":
+        return None
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def load_prompt_split(cfg, policy, split: str) -> list[Prompt]:
+    path = cfg.data.train_prompts if split == "train" else cfg.data.eval_prompts
+    if path:
+        return load_prompts(path)
+    if hasattr(policy, "default_prompts"):
+        return list(policy.default_prompts(split))
+    raise ConfigError(f"config: data.{split}_prompts is empty and model {cfg.model.kind!r} has no "
+                      f"built-in prompt list; give a .txt or .jsonl prompt file")
+
+
+def eval_metrics(policy, reward: WeightedReward, images: Tensor, texts, metas) -> dict[str, Tensor]:
+    """Per-image evaluation metrics: the policy's own (e.g. strict accuracy) when it defines
+    ``eval_metrics``, else the reward total and its components."""
+    if hasattr(policy, "eval_metrics"):
+        return dict(policy.eval_metrics(images, texts, metas))
+    total, parts = reward(images, texts, metas)
+    return {"reward": total, **parts}
+
+
+def prompt_category(policy, prompt: Prompt) -> str:
+    cat = prompt.metadata.get("category") or prompt.metadata.get("tag")
+    if cat is None and hasattr(policy, "prompt_category"):
+        cat = policy.prompt_category(prompt.text)
+    return str(cat) if cat else "all"
+
+
+def _headline(ev: dict[str, Any]) -> float | None:
+    for key in ("eval/overall/accuracy", "eval/overall/reward"):
+        if key in ev:
+            return ev[key]
+    vals = [v for k, v in ev.items() if k.startswith("eval/overall/")]
+    return vals[0] if vals else None
+
+
+def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A per-category table of every eval metric, before vs after."""
+    rows = sorted({k for k in after if k.startswith("eval/") and k.count("/") == 2})
+    if not rows:
+        return "fastflow: no evaluation metrics"
+    lines = [f"{'category':<16} {'metric':<14} {'before':>8} {'after':>8} {'delta':>8}"]
+    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] == "overall", k)):
+        _, cat, metric = k.split("/")
+        b, a = before.get(k), after[k]
+        bs = f"{b:8.3f}" if isinstance(b, float) else f"{'-':>8}"
+        ds = f"{a - b:+8.3f}" if isinstance(b, float) else f"{'':>8}"
+        lines.append(f"{cat:<16} {metric:<14} {bs} {a:8.3f} {ds}")
+    return "\n".join(lines)
+
+
+def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:
+    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest-neighbour upscaled when tiny)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    pad = 2
+    grid = torch.ones(3, rows * (h + pad) + pad, min(n, ncol) * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    if h < 128:
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img.save(path)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args = parse_cli(sys.argv[1:] if argv is None else argv)
+        if args.print_config:
+            print(to_toml(args.config), end="")
+            return 0
+        derived = validate(args.config, world_size_from_env())  # before anything heavy loads
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fastflow: {e}", file=sys.stderr)
+        return 2
+    info = init_distributed(args.config.run.device)
+    try:
+        Trainer(args.config, derived, info, resume=args.resume).run()
+    finally:
+        shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
