@@ -1,0 +1,14 @@
+"""fastflow.kernels: fused Triton kernels for Flow-GRPO (installed from the repository's kernels/).
+
+- sde_step.sde_step: the rollout step (CFG combine, optional in-kernel Philox noise, log-prob).
+- grpo_loss.grpo_step_loss: the training objective (log-prob, KL, clipped loss, stats) with a
+  one-pass backward to the velocity.
+
+Import needs triton. Set TRITON_INTERPRET=1 before importing to run them on CPU tensors through
+Triton's interpreter (the parity tests do); ``INTERPRETED`` records which mode they were built in.
+Use them through fastflow.ops, which picks them or the PyTorch reference.
+"""
+
+from ._common import INTERPRETED, geometry  # noqa: F401
+from .grpo_loss import grpo_step_loss  # noqa: F401
+from .sde_step import sde_step  # noqa: F401

@@ -1,0 +1,157 @@
+"""Fused rollout step: one pass reads the velocity (CFG halves combined in float32 registers, or the
+combined tensor), the sample and the noise (a tensor, or Philox drawn in-kernel from a seed and an
+offset held in device tensors), and writes the next sample, the per-sample log-prob and, only when
+asked, the mean. Same math as fastflow.sde.sde_step (kinds sde / cps / ode).
+
+Forward only: fastflow.ops.sde_step sends calls that need autograd to the reference; training
+differentiates through fastflow.ops.grpo_step_loss (kernels/grpo_loss.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastflow.sde import GuidedVelocity, StepOutput
+
+from ._common import (KIND_IDS, NUM_WARPS, check_guard, geometry, launch_finalize, load_velocity,
+                      per_sample, rows, step_coefs, step_mean)
+
+NOISE_TENSOR, NOISE_PHILOX, NOISE_GIVEN_NEXT = 0, 1, 2
+
+
+@triton.jit
+def _sde_step_kernel(x_ptr, sx, u_ptr, su, c_ptr, sc, w, n_ptr, sn_, y_ptr, sy, seed_ptr, off_ptr,
+                     out_ptr, mean_ptr, part_ptr,
+                     sig_ptr, sig_s, nxt_ptr, nxt_s, grd_ptr, grd_s, a, sin_a, N, C,
+                     KIND: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
+                     WRITE_OUT: tl.constexpr, WRITE_MEAN: tl.constexpr,
+                     BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    s, sn, dt, std_t, step_std, k1, k2 = step_coefs(b, sig_ptr, sig_s, nxt_ptr, nxt_s, grd_ptr,
+                                                    grd_s, a, sin_a, KIND)
+    if NOISE == 1:
+        seed = tl.load(seed_ptr)
+        base = tl.load(off_ptr) + b64 * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for it in tl.static_range(ITERS):
+        idx = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < N
+        x = tl.load(x_ptr + b64 * sx + idx, mask=mask, other=0.0).to(tl.float32)
+        v = load_velocity(u_ptr + b64 * su, c_ptr + b64 * sc, idx, mask, w, CFG)
+        m = step_mean(x, v, s, sn, dt, k1, k2, KIND)
+        if KIND == 2:
+            nxt = m
+        elif NOISE == 0:
+            eps = tl.load(n_ptr + b64 * sn_ + idx, mask=mask, other=0.0).to(tl.float32)
+            nxt = m + step_std * eps
+        elif NOISE == 1:
+            eps = tl.randn(seed, base + idx)
+            nxt = m + step_std * eps
+        else:
+            nxt = tl.load(y_ptr + b64 * sy + idx, mask=mask, other=0.0).to(tl.float32)
+        if KIND != 2:
+            d = tl.where(mask, nxt - m, 0.0)
+            acc += d * d
+        if WRITE_OUT:
+            tl.store(out_ptr + b64 * N + idx, nxt, mask=mask)
+        if WRITE_MEAN:
+            tl.store(mean_ptr + b64 * N + idx, m, mask=mask)
+    if KIND != 2:
+        tl.store(part_ptr + b * C + chunk, tl.sum(acc, axis=0))
+
+
+def _velocity_parts(velocity, shape):
+    """(u, c, scale, cfg) views with batch strides; checks the shapes against the sample's."""
+    if isinstance(velocity, GuidedVelocity):
+        parts, scale, cfg = (velocity.uncond, velocity.cond), float(velocity.scale), True
+    else:
+        parts, scale, cfg = (velocity,), 0.0, False
+    for p in parts:
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(f"velocity shape {tuple(p.shape)} != sample shape {tuple(shape)}")
+    u = rows(parts[0])
+    c = rows(parts[1]) if cfg else u
+    return u, c, scale, cfg
+
+
+def sde_step(sample: Tensor, velocity, sigma, sigma_next, *, noise_level: float, kind: str = "sde",
+             noise: Tensor | None = None, prev_sample: Tensor | None = None, sigma_guard=None,
+             generator: torch.Generator | None = None, seed: Tensor | None = None,
+             offset: Tensor | None = None, need_mean: bool = True) -> StepOutput:
+    """fastflow.sde.sde_step as one fused kernel (float32 math; no autograd).
+
+    Noise: ``noise`` when given; else Philox from ``seed`` / ``offset`` (int64 device tensors of
+    one element; element ``i`` of sample ``b`` uses counter ``offset + b * N + i``, and ``offset``
+    is advanced by ``B * N`` in place afterwards, so a CUDA graph replays with fresh noise); else a
+    ``torch.randn`` draw from ``generator``. need_mean=False skips writing the mean (StepOutput.mean
+    is then None): the rollout does not need it.
+    """
+    if kind not in KIND_IDS:
+        raise ValueError(f"kind must be one of {tuple(KIND_IDS)}, got {kind!r}")
+    if sample.dtype == torch.float64:
+        raise ValueError("the fused sde_step computes in float32; float64 inputs use fastflow.sde")
+    batch, shape, dev = sample.shape[0], tuple(sample.shape), sample.device
+    (u, su), (c, sc), scale, cfg = _velocity_parts(velocity, shape)
+    check_guard(kind, sigma, sigma_guard)
+    sig = per_sample(sigma, batch, dev, "sigma")
+    nxt = per_sample(sigma_next, batch, dev, "sigma_next")
+    grd = per_sample(sigma_guard, batch, dev, "sigma_guard") if sigma_guard is not None else sig
+    n = math.prod(shape[1:])
+    block, iters, chunks = geometry(n)
+    kind_id = KIND_IDS[kind]
+    x, sx = rows(sample)
+
+    dummy = x
+    noise_mode, nz, snz, y, sy = NOISE_TENSOR, dummy, 0, dummy, 0
+    if prev_sample is not None:
+        if tuple(prev_sample.shape) != shape:
+            raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {shape}")
+        noise_mode = NOISE_GIVEN_NEXT
+        y, sy = rows(prev_sample.detach())
+    elif kind != "ode":
+        if noise is None and seed is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=dev)
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {shape}")
+            nz, snz = rows(noise)
+        else:
+            if offset is None:
+                raise ValueError("sde_step: Philox noise needs both seed and offset tensors")
+            for name, t in (("seed", seed), ("offset", offset)):
+                if not isinstance(t, Tensor) or t.numel() != 1 or t.dtype != torch.int64 \
+                        or t.device != dev:
+                    raise ValueError(f"sde_step: {name} must be a one-element int64 tensor on {dev}")
+            noise_mode = NOISE_PHILOX
+    # Unused pointer slots get any tensor: the constexpr branches never read them.
+    seed_t, offset_t = (seed, offset) if noise_mode == NOISE_PHILOX else (x, x)
+
+    write_out = noise_mode != NOISE_GIVEN_NEXT
+    out = torch.empty(shape, dtype=torch.float32, device=dev) if write_out else None
+    mean = torch.empty(shape, dtype=torch.float32, device=dev) if need_mean else None
+    part = torch.empty((batch, chunks), dtype=torch.float32, device=dev)
+    sin_a = math.sin(noise_level * math.pi / 2)
+    _sde_step_kernel[(chunks, batch)](
+        x, sx, u, su, c, sc, scale, nz, snz, y, sy, seed_t, offset_t,
+        out if out is not None else part, mean if mean is not None else part, part,
+        sig[0], sig[1], nxt[0], nxt[1], grd[0], grd[1], float(noise_level), sin_a, n, chunks,
+        KIND=kind_id, CFG=cfg, NOISE=noise_mode, WRITE_OUT=write_out, WRITE_MEAN=need_mean,
+        BLOCK=block, ITERS=iters, num_warps=NUM_WARPS)
+    if noise_mode == NOISE_PHILOX:
+        offset.add_(batch * n)
+    prev = out if write_out else prev_sample.detach().to(torch.float32)
+    std = torch.empty(batch, dtype=torch.float32, device=dev)
+    if kind == "ode":
+        std.zero_()
+        return StepOutput(prev, None, mean, std)
+    log_prob = torch.empty(batch, dtype=torch.float32, device=dev)
+    launch_finalize(part, None, log_prob, None, std, sig, nxt, grd, float(noise_level), sin_a, n,
+                    chunks, kind_id)
+    return StepOutput(prev, log_prob, mean, std)
