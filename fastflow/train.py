@@ -245,7 +245,7 @@ class Trainer:
                         continue
                     (loss / (t.grad_accum * k_train)).backward()
                     counts += 1
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss)
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     for k, v_ in stats.items():
                         if k in ("ratio_min", "ratio_max"):
                             prev = sums.get(k)
@@ -463,11 +463,14 @@ def _headline(ev: dict[str, Any]) -> float | None:
 
 def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """A per-category table of every eval metric, before vs after."""
-    rows = sorted({k for k in after if k.startswith("eval/") and k.count("/") == 2})
+    rows = sorted({k for k in after if k.startswith("eval/") and k.count("/") == 2
+                   and not k.startswith("eval/time")})
+    if {k.split("/")[1] for k in rows} == {"all", "overall"}:  # one category: "all" repeats "overall"
+        rows = [k for k in rows if not k.startswith("eval/all/")]
     if not rows:
         return "fastflow: no evaluation metrics"
     lines = [f"{'category':<16} {'metric':<14} {'before':>8} {'after':>8} {'delta':>8}"]
-    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] == "overall", k)):
+    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] == "overall", k.split("/")[1])):
         _, cat, metric = k.split("/")
         b, a = before.get(k), after[k]
         bs = f"{b:8.3f}" if isinstance(b, float) else f"{'-':>8}"

@@ -1,0 +1,125 @@
+"""The training loop end to end on the toy policy: it learns, logs, checkpoints and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from fastflow import train as train_mod
+from fastflow.checkpoint import latest_checkpoint, load_checkpoint
+from fastflow.config import load_config, validate
+from fastflow.distributed import DistInfo
+
+SOLO = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+def toy_cfg(tmp_path, *extra):
+    overrides = ["--model.kind", "toy", "--reward.weights", "{toy_color=1.0}", "--sample.group_size", "4",
+                 "--sample.prompts_per_iter", "3", "--sample.batch_size", "6", "--sample.train_steps", "4",
+                 "--sample.eval_steps", "6", "--sample.guidance_scale", "1.5", "--run.iterations", "4",
+                 "--eval.every", "0", "--eval.seeds", "2", "--checkpoint.every", "2", "--log.progress", "false",
+                 "--log.tensorboard", "false", "--run.output_dir", str(tmp_path), "--run.name", "toy", *extra]
+    cfg = load_config(None, overrides)
+    return cfg, validate(cfg, 1)
+
+
+def run(cfg, derived, resume=None):
+    t = train_mod.Trainer(cfg, derived, SOLO, resume=resume)
+    t.run()
+    return t
+
+
+def weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.params.items()}
+
+
+def test_reward_rises_on_toy(tmp_path):
+    cfg, d = toy_cfg(tmp_path, "--run.iterations", "40", "--train.lr", "3e-3", "--train.clip_range", "0.2",
+                     "--train.beta", "0.0", "--train.ema", "false", "--checkpoint.every", "1000",
+                     "--train.grad_accum", "1", "--sample.group_size", "8", "--sample.batch_size", "8")
+    t = run(cfg, d)
+    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "reward_mean" in r]
+    first = sum(r["reward_mean"] for r in train_rows[:10]) / 10
+    last = sum(r["reward_mean"] for r in train_rows[-10:]) / 10
+    assert last > first + 0.05, (first, last)
+    # the first inner pass of every iteration starts on-policy
+    assert all(abs(r["ratio_mean"] - 1) < 0.05 for r in train_rows)
+
+
+def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
+    cfg, d = toy_cfg(tmp_path, "--eval.every", "2", "--log.tensorboard", "true")
+    t = run(cfg, d)
+    rd = t.run_dir
+    for name in ["metrics.jsonl", "config.toml", "curves.png", "samples_before.png", "samples_after.png"]:
+        assert (rd / name).is_file(), name
+    assert any((rd / "tensorboard").iterdir())
+    assert latest_checkpoint(rd).name == "iter-000004"
+    rows = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4]
+    assert any("eval/overall/reward" in r for r in rows)
+    assert validate(load_config(str(rd / "config.toml")), 1) is not None  # the saved config reloads
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
+    cfg, d = toy_cfg(tmp_path / "a", "--run.iterations", "4", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+    full = run(cfg, d)
+
+    cfg2, d2 = toy_cfg(tmp_path / "b", "--run.iterations", "2", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+    run(cfg2, d2)
+    cfg3, d3 = toy_cfg(tmp_path / "b", "--run.iterations", "4", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+    resumed = run(cfg3, d3, resume="auto")
+    assert resumed.iteration == 4
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    ema_a, ema_b = full.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(ema_a[n], ema_b[n]) for n in ema_a)
+    # and training actually moved the weights (otherwise equality would prove nothing)
+    first = load_checkpoint(latest_checkpoint(tmp_path / "b" / "toy"))["trainable"]
+    assert first.keys() == a.keys()
+    fresh = train_mod.Trainer(cfg, d, SOLO)
+    assert any(not torch.equal(fresh.params[n], a[n]) for n in a)
+
+
+def test_non_finite_loss_is_skipped_and_weights_stay_finite(tmp_path, monkeypatch, caplog):
+    real = train_mod.ops.grpo_step_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kw):
+        loss, stats = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(train_mod.ops, "grpo_step_loss", flaky)
+    cfg, d = toy_cfg(tmp_path, "--run.iterations", "2")
+    with caplog.at_level("WARNING"):
+        t = run(cfg, d)
+    assert "non-finite loss" in caplog.text
+    assert all(torch.isfinite(p).all() for p in t.params.values())
+    rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_steps", 0) for r in rows) > 0
+
+
+def test_fresh_run_never_overwrites_an_earlier_one(tmp_path):
+    cfg, d = toy_cfg(tmp_path, "--run.iterations", "1")
+    first = run(cfg, d)
+    second = run(cfg, d)
+    assert first.run_dir != second.run_dir and second.run_dir.name == "toy-1"
+    assert latest_checkpoint(first.run_dir) is not None
+
+
+def test_bad_config_is_one_clear_line_and_exit_2(capsys):
+    assert train_mod.main(["--train.lrr", "1e-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lrr" in err[0]
+
+
+def test_print_config_round_trips(capsys, tmp_path):
+    assert train_mod.main(["--print-config", "--train.lr", "1e-4", "--model.kind", "toy"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    cfg = load_config(str(path))
+    assert cfg.train.lr == 1e-4 and cfg.model.kind == "toy"
