@@ -22,6 +22,11 @@ def _group_moments(rewards: Tensor, inverse: Tensor, groups: int) -> tuple[Tenso
     count = torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(
         0, inverse, torch.ones_like(rewards))
     mean = torch.zeros_like(count).index_add_(0, inverse, rewards) / count
+    # sum / count of equal float64 values is not always exactly the value (3 x 0.1): use the value
+    # itself for all-equal groups, so they get exactly zero std (zero_std_ratio) and advantages.
+    lo = torch.full_like(count, float("inf")).scatter_reduce_(0, inverse, rewards, "amin")
+    hi = torch.full_like(count, float("-inf")).scatter_reduce_(0, inverse, rewards, "amax")
+    mean = torch.where(lo == hi, hi, mean)
     centered = rewards - mean[inverse]
     var = torch.zeros_like(count).index_add_(0, inverse, centered**2) / count
     return count, mean, var.sqrt()
