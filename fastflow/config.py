@@ -521,13 +521,13 @@ def _override_value(raw: str, tp) -> Any:
 
 def _takes_next(option: str, nxt: str | None) -> bool:
     """Whether the token after ``--option`` (no '=') is its value. Not when it is another --option
-    or absent, nor for a bool option followed by anything but true/false (so that
-    ``--model.compile configs/x.toml`` keeps the config path)."""
+    or absent, nor a .toml file after a bool option (``--model.compile configs/x.toml`` is a flag
+    and then the config path)."""
     if nxt is None or nxt.startswith("--"):
         return False
     section, key, rest = _resolve(option)
     if _type_of(section, key) is bool and not rest:
-        return nxt in ("true", "false")
+        return not nxt.endswith(".toml")
     return True
 
 
@@ -796,10 +796,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     for key in ("train_prompts", "eval_prompts"):
         p = getattr(cfg.data, key)
         if p:
-            need(Path(p).suffix in (".txt", ".jsonl"), f"data.{key} must be a .txt or .jsonl file, got {_show(p)}")
-            need(Path(p).expanduser().is_file(), f"data.{key} file not found: {_show(p)}")
+            need(Path(p).suffix in (".txt", ".jsonl"), f"data.{key} must be a .txt or .jsonl file, got {_show(p, 300)}")
+            need(Path(p).expanduser().is_file(), f"data.{key} file not found: {_show(p, 300)}")
     if model.path and _looks_local(model.path):
-        need(Path(model.path).expanduser().exists(), f"model.path not found: {_show(model.path)}")
+        need(Path(model.path).expanduser().exists(), f"model.path not found: {_show(model.path, 300)}")
 
     return Derived(
         world_size=world_size,
@@ -888,7 +888,7 @@ def parse_cli(argv: Sequence[str]) -> CliArgs:
             raise ConfigError(f"config: unknown flag {_show(tok)}; options are --section.key VALUE (see --help)")
         else:
             if config_path is not None:
-                raise ConfigError(f"config: unexpected argument {_show(tok)}; a config file "
+                raise ConfigError(f"config: unexpected argument {_show(tok, 300)}; a config file "
                                   f"({config_path}) was already given")
             config_path = tok
         i += 1
