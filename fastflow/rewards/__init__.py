@@ -18,6 +18,13 @@ from fastflow.models import resolve
 REGISTRY: dict[str, str] = {
     "toy_color": "fastflow.models.toy:ColorReward",
     "shapes": "fastflow.shapes.reward:ShapesReward",
+    "pickscore": "fastflow.rewards.pickscore:PickScore",
+    "aesthetic": "fastflow.rewards.aesthetic:Aesthetic",
+    "clipscore": "fastflow.rewards.clipscore:ClipScore",
+    "imagereward": "fastflow.rewards.imagereward:ImageRewardScore",
+    "ocr": "fastflow.rewards.ocr:OcrReward",
+    "geneval": "fastflow.rewards.geneval:GenEvalReward",
+    "remote": "fastflow.rewards.remote:RemoteReward",
 }
 
 
