@@ -627,8 +627,12 @@ def _doc(cls: type) -> str:
     return " ".join((cls.__doc__ or "").split())
 
 
-def _help_line(section: str, f: dataclasses.Field) -> str:
+def _help_line(section: str, f: dataclasses.Field, *, static: bool = False) -> str:
+    """Help text plus allowed values. ``static`` leaves registry-backed choices unlisted so that
+    docs/config.md does not go stale each time a model is registered."""
     text = f.metadata.get("help", "")
+    if static and callable(f.metadata.get("choices")):
+        return text
     ch = _choices(f)
     return f"{text} One of: {', '.join(ch)}." if ch else text
 
@@ -661,7 +665,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         if not isinstance(obj, SECTIONS[s]):
             raise ConfigError(f"config: [{s}] must be a {SECTIONS[s].__name__}, got {type(obj).__name__}")
         for k, f in _fields(s).items():
-            _coerce(f"{s}.{k}", getattr(obj, k), _type_of(s, k))
+            value = _coerce(f"{s}.{k}", getattr(obj, k), _type_of(s, k))
+            # inf/nan pass most range checks (nan compares False both ways), so refuse them here.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config: {s}.{k} must be a finite number, got {_show(value)}")
             ch = _choices(f)
             if ch is not None and getattr(obj, k) not in ch:
                 v = getattr(obj, k)
@@ -678,7 +685,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     # Ranges, section by section, in schema order.
     need(run.seed >= 0, f"run.seed ({run.seed}) must be >= 0")
     need(run.iterations >= 1, f"run.iterations ({run.iterations}) must be >= 1")
-    need(run.max_minutes >= 0 and math.isfinite(run.max_minutes),
+    need(run.max_minutes >= 0,
          f"run.max_minutes ({run.max_minutes}) must be >= 0 (0 = no budget)")
     need(run.name.strip() != "" and "/" not in run.name and "\\" not in run.name,
          f"run.name ({_show(run.name)}) must be a non-empty directory name without slashes")
@@ -797,7 +804,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         p = getattr(cfg.data, key)
         if p:
             need(Path(p).suffix in (".txt", ".jsonl"), f"data.{key} must be a .txt or .jsonl file, got {_show(p, 300)}")
-            need(Path(p).expanduser().is_file(), f"data.{key} file not found: {_show(p, 300)}")
+            # No ~ expansion: fastflow.data.load_prompts opens the path as written.
+            need(Path(p).is_file(), f"data.{key} file not found: {_show(p, 300)}")
     if model.path and _looks_local(model.path):
         need(Path(model.path).expanduser().exists(), f"model.path not found: {_show(model.path, 300)}")
 
@@ -974,7 +982,7 @@ def render_markdown() -> str:
         out.append("|---|---|---|---|")
         for k, f in _fields(s).items():
             default = _toml_value(defaults[s][k]).replace("|", "\\|")
-            meaning = _help_line(s, f).replace("|", "\\|")
+            meaning = _help_line(s, f, static=True).replace("|", "\\|")
             out.append(f"| `{k}` | {_type_name(_type_of(s, k))} | `{default}` | {meaning} |")
     return "\n".join(out) + "\n"
 

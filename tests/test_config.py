@@ -267,6 +267,12 @@ def test_ranges(overrides, expected):
     assert check(overrides) == expected
 
 
+@pytest.mark.parametrize("key, value", [("train.lr", "inf"), ("train.clip_range", "nan"),
+                                        ("run.max_minutes", "inf"), ("sample.guidance_scale", "-inf")])
+def test_non_finite_floats(key, value):
+    assert check([f"--{key}", value]) == f"config: {key} must be a finite number, got {value}"
+
+
 def test_boundaries_that_are_allowed():
     cfg = load_config(None, ["--sample.noise_level", "1", "--train.beta", "0", "--train.timestep_fraction", "1",
                              "--sample.group_size", "2", "--sample.prompts_per_iter", "9",
