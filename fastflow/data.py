@@ -15,7 +15,7 @@ class Prompt:
 
 
 def load_prompts(path: str | Path) -> list[Prompt]:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     prompts: list[Prompt] = []
