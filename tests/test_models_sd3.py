@@ -15,7 +15,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E
 
 from fastflow.models import build_policy  # noqa: E402
 from fastflow.models._tiny import save_tiny_sd3  # noqa: E402
-from fastflow.rollout import Policy  # noqa: E402
+from fastflow.rollout import Policy, sample  # noqa: E402
 from fastflow.sde import GuidedVelocity  # noqa: E402
 from tests.tiny_pipelines import rollout, step_loss, tiny_cfg, train  # noqa: E402
 
@@ -71,6 +71,22 @@ def test_sigmas_equal_the_scheduler(sd3_path):
         assert torch.equal(policy.sigmas(n), pipe.scheduler.sigmas.to(torch.float32)), n
     shifted = build_policy(tiny_cfg("sd3", sd3_path, shift=1.5), "cpu")
     assert shifted.sigmas(10)[5] != policy.sigmas(10)[5]
+
+
+def test_ode_rollout_reproduces_the_pipeline(sd3_path):
+    """Same initial latents, same prompt, CFG 4.5: fastflow's ODE sampler and decode ==
+    StableDiffusion3Pipeline's loop (timestep = sigma * 1000, empty-prompt negative, VAE factors)."""
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_path)
+    policy = build_policy(tiny_cfg("sd3", sd3_path), "cpu")  # fresh LoRA: B = 0, the base model
+    noise = torch.randn(1, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    ours = sample(policy, policy.encode_prompts([PROMPTS[0]]), num_steps=3, guidance_scale=CFG_W,
+                  noise_level=0.0, kind="ode", latents=noise)
+    kw = dict(num_inference_steps=3, height=32, width=32, guidance_scale=CFG_W,
+              max_sequence_length=128)
+    theirs = pipe(PROMPTS[0], latents=noise.clone(), output_type="latent", **kw).images
+    torch.testing.assert_close(ours.final, theirs, rtol=1e-5, atol=1e-5)
+    image = pipe(PROMPTS[0], latents=noise.clone(), output_type="pt", **kw).images
+    torch.testing.assert_close(policy.decode(ours.final), image, rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_embeddings_cached_and_batch_independent(sd3_path):
