@@ -230,3 +230,40 @@ def test_bad_settings_give_a_clear_error(sd3_path, model, match):
     path = model.pop("path", sd3_path)
     with pytest.raises(ValueError, match=match):
         build_policy(tiny_cfg("sd3", path, **model), "cpu")
+
+
+PAPER = {  # FLOW_GRPO.md section 6 and the FLUX row
+    "pickscore": dict(kind="sd3", beta=0.01, steps=(10, 40), w=4.5, a=0.7, rank=(32, 64.0), batch=9),
+    "geneval": dict(kind="sd3", beta=0.04, steps=(10, 40), w=4.5, a=0.7, rank=(32, 64.0), batch=9),
+    "ocr": dict(kind="sd3", beta=0.04, steps=(10, 40), w=4.5, a=0.7, rank=(32, 64.0), batch=9),
+    "flux_pickscore": dict(kind="flux", beta=0.01, steps=(6, 28), w=3.5, a=0.9, rank=(64, 128.0),
+                           batch=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_load_and_split_over_any_gpu_count(name, tmp_path):
+    from pathlib import Path
+
+    from fastflow.config import load_config, validate
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(root / "configs" / f"{name}.toml"))
+    p = PAPER[name]
+    assert (cfg.model.kind, cfg.model.dtype, cfg.model.resolution) == (p["kind"], "bfloat16", 512)
+    assert (cfg.model.lora_rank, cfg.model.lora_alpha) == p["rank"]
+    assert (cfg.sample.train_steps, cfg.sample.eval_steps) == p["steps"]
+    assert (cfg.sample.guidance_scale, cfg.sample.noise_level) == (p["w"], p["a"])
+    assert (cfg.sample.group_size, cfg.sample.prompts_per_iter, cfg.sample.batch_size) == (24, 48, p["batch"])
+    assert (cfg.train.beta, cfg.train.clip_range, cfg.train.lr) == (p["beta"], 1e-4, 3e-4)
+    assert cfg.train.global_std and cfg.train.ema
+    assert list(cfg.reward.weights) == [name.removeprefix("flux_")]
+    # the prompt files are user-supplied: stand-ins of the right suffix for validation
+    for key in ("train_prompts", "eval_prompts"):
+        stand_in = tmp_path / Path(getattr(cfg.data, key)).name
+        stand_in.write_text('{"prompt": "a cat"}\n' if stand_in.suffix == ".jsonl" else "a cat\n")
+        setattr(cfg.data, key, str(stand_in))
+    # at the paper's 32 GPUs: two optimizer steps per iteration
+    assert validate(cfg, 32).optimizer_steps_per_iter == 2
+    for world in (1, 2, 4, 8, 16):
+        assert validate(cfg, world).images_per_rank * world == 48 * 24
