@@ -1,0 +1,381 @@
+"""Parity of the fused Triton kernels (fastflow.kernels via fastflow.ops) with the PyTorch reference.
+
+On a CPU the kernels run through Triton's interpreter: TRITON_INTERPRET=1 must be set before the
+kernel modules are decorated, so it is set here, before anything imports fastflow.kernels (and the
+modules are re-imported if another test imported them compiled). With CUDA the same tests run the
+compiled kernels on the GPU (the "cuda" device param) and the CPU variants skip.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+if "fastflow.kernels" in sys.modules and not sys.modules["fastflow.kernels"].INTERPRETED \
+        and os.environ.get("TRITON_INTERPRET") == "1":
+    for name in [m for m in sys.modules if m == "fastflow.kernels" or m.startswith("fastflow.kernels.")]:
+        del sys.modules[name]
+kernels = importlib.import_module("fastflow.kernels")
+
+from fastflow import grpo, ops, sde  # noqa: E402
+from fastflow.sde import GuidedVelocity  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not kernels.INTERPRETED,
+                                                 reason="kernels compiled for CUDA, not interpreted")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available() or kernels.INTERPRETED, reason="needs CUDA")]),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Both paths convert the inputs to float32 first, so forward values differ only by float32
+# rounding order; gradients are rounded to the velocity's dtype, where one ulp can flip.
+GRAD_RTOL = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}
+# Odd, non-power-of-two latent shapes; the last spans several reduction chunks.
+SHAPES = {"3x4x5x7": (3, 4, 5, 7), "2x1x33": (2, 1, 33), "2x3x37x41": (2, 3, 37, 41)}
+# (sigma, sigma_next, guard): sigma == 1 (needs the guard), near 0, and per-sample mixed tensors.
+SIGMAS = {
+    "at_one": (1.0, 0.9, 0.9),
+    "near_zero": (0.02, 0.0, None),
+    "mixed": ("mixed", "mixed", 0.9),
+}
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("FASTFLOW_KERNELS", "triton")
+
+
+def _sigmas(case, batch, device):
+    s, s_next, guard = SIGMAS[case]
+    if s == "mixed":  # one sample at sigma == 1, the others inside the grid
+        s = torch.tensor([1.0, 0.55, 0.31, 0.8, 0.2][:batch], device=device)
+        s_next = s - torch.tensor([0.1, 0.15, 0.3, 0.05, 0.2][:batch], device=device)
+    return s, s_next, guard
+
+
+def _velocity(shape, dtype, device, cfg, scale=4.5, requires_grad=False, gen=None):
+    def t():
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return GuidedVelocity(t(), t(), scale) if cfg else t()
+
+
+def _rmse_close(out, ref, rtol, atol=1e-7, what=""):
+    """RMSE of the difference within rtol of the reference's RMS (reductions / gradients)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    # Degenerate inputs (cps with KL at sigma_next == 0: std_t == 0) give inf / NaN in the
+    # reference: the kernel must give the same non-finite values there, and match elsewhere.
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), finite), f"{what}: finiteness differs"
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)]), f"{what}: infinities differ"
+    out, ref = out[finite], ref[finite]
+    if ref.numel() == 0:
+        return
+    err = (out - ref).pow(2).mean().sqrt().item()
+    scale = ref.pow(2).mean().sqrt().item()
+    assert err <= rtol * scale + atol, f"{what}: rmse {err:.3e} vs reference rms {scale:.3e}"
+
+
+def _grads(v):
+    return (v.uncond.grad, v.cond.grad) if isinstance(v, GuidedVelocity) else (v.grad,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout step
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("sigma_case", list(SIGMAS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", ["sde", "cps", "ode"])
+def test_sde_step_matches_reference(device, cfg, sigma_case, dtype, shape, kind):
+    gen = torch.Generator().manual_seed(0)
+    shp = SHAPES[shape]
+    x = torch.randn(shp, generator=gen).to(device=device, dtype=DTYPES[dtype])
+    v = _velocity(shp, DTYPES[dtype], device, cfg, gen=gen)
+    noise = torch.randn(shp, generator=gen).to(device)
+    s, s_next, guard = _sigmas(sigma_case, shp[0], device)
+    kw = dict(noise_level=0.7, kind=kind, noise=noise, sigma_guard=guard)
+    out = ops.sde_step(x, v, s, s_next, **kw)
+    ref = sde.sde_step(x, v, s, s_next, **kw)
+    assert out.prev_sample.dtype == torch.float32 and out.prev_sample.shape == x.shape
+    torch.testing.assert_close(out.mean, ref.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.std, ref.std, rtol=1e-6, atol=0)
+    if kind == "ode":
+        assert out.log_prob is None
+    else:
+        assert out.log_prob.shape == (shp[0],)
+        _rmse_close(out.log_prob, ref.log_prob, 1e-5, what="log_prob")
+        # Evaluating the sampled transition (prev_sample given) reproduces its log-prob exactly.
+        again = ops.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=guard,
+                             prev_sample=out.prev_sample)
+        assert torch.equal(again.log_prob, out.log_prob)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sde_step_noncontiguous_inputs(device):
+    gen = torch.Generator().manual_seed(1)
+    traj = torch.randn(4, 3, 2, 5, 9, generator=gen).to(device)  # [B, K, ...]: slice a step
+    x = traj[:, 1]
+    v = torch.randn(4, 2, 9, 5, generator=gen).to(device).transpose(2, 3)  # strided inner dims
+    noise = torch.randn(4, 2, 5, 9, generator=gen).to(device)
+    assert not x.is_contiguous() and not v.is_contiguous()
+    out = ops.sde_step(x, v, 0.6, 0.4, noise_level=0.7, noise=noise)
+    ref = sde.sde_step(x, v, 0.6, 0.4, noise_level=0.7, noise=noise)
+    torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    _rmse_close(out.log_prob, ref.log_prob, 1e-5, what="log_prob")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_sde_step_batch_invariant(device, kind):
+    """Sample b's log-prob and next sample are bitwise the same at any batch size and position."""
+    gen = torch.Generator().manual_seed(2)
+    shp = (5, 3, 37, 41)  # several reduction chunks per sample
+    x = torch.randn(shp, generator=gen).to(device)
+    v = GuidedVelocity(torch.randn(shp, generator=gen).to(device), torch.randn(shp, generator=gen).to(device), 4.5)
+    noise = torch.randn(shp, generator=gen).to(device)
+    s = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2], device=device)
+    kw = dict(noise_level=0.7, kind=kind, sigma_guard=0.9)
+    full = ops.sde_step(x, v, s, s - 0.1, noise=noise, **kw)
+    for idx in ([3], [4, 1], [2, 0, 3]):
+        i = torch.tensor(idx, device=device)
+        part = ops.sde_step(x[i], GuidedVelocity(v.uncond[i], v.cond[i], 4.5), s[i], s[i] - 0.1,
+                            noise=noise[i], **kw)
+        assert torch.equal(part.log_prob, full.log_prob[i])
+        assert torch.equal(part.prev_sample, full.prev_sample[i])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sde_step_philox_noise(device):
+    batch, shp = 2, (2, 8, 64, 16)  # 16384 draws
+    x = torch.zeros(shp, device=device)
+    v = torch.zeros(shp, device=device)
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    offset = torch.tensor([0], dtype=torch.int64, device=device)
+    kw = dict(noise_level=0.7, seed=seed, sigma_guard=0.9)
+    sigma, sigma_next = 0.5, 0.3
+    a = ops.sde_step_philox(x, v, sigma, sigma_next, offset=offset, **kw)
+    numel = x.numel()
+    assert offset.item() == numel  # advanced in place for the next step / graph replay
+    step_std = (a.std * (sigma - sigma_next) ** 0.5).reshape(batch, 1, 1, 1)
+    eps = a.prev_sample / step_std  # mean is 0 for x = v = 0
+    assert abs(eps.mean().item()) < 0.04 and abs(eps.std().item() - 1) < 0.03
+    assert abs(eps.pow(3).mean().item()) < 0.1  # symmetric
+    b = ops.sde_step_philox(x, v, sigma, sigma_next, offset=offset, **kw)
+    assert not torch.allclose(a.prev_sample, b.prev_sample)  # a fresh offset gives fresh noise
+    again = ops.sde_step_philox(x, v, sigma, sigma_next,
+                                offset=torch.tensor([0], dtype=torch.int64, device=device), **kw)
+    assert torch.equal(again.prev_sample, a.prev_sample)  # reproducible from (seed, offset)
+    # Sample b draws counters offset + b * N + i: sample 1 at offset 0 is sample 0 at offset N.
+    n = numel // batch
+    shifted = ops.sde_step_philox(x[:1], v[:1], sigma, sigma_next,
+                                  offset=torch.tensor([n], dtype=torch.int64, device=device), **kw)
+    assert torch.equal(shifted.prev_sample[0], a.prev_sample[1])
+    other = ops.sde_step_philox(x, v, sigma, sigma_next,
+                                offset=torch.tensor([0], dtype=torch.int64, device=device),
+                                noise_level=0.7, seed=seed + 1, sigma_guard=0.9)
+    assert not torch.allclose(other.prev_sample, a.prev_sample)
+    # Its log-prob is the reference's for the sample it produced.
+    ref = sde.sde_step(x, v, sigma, sigma_next, noise_level=0.7, prev_sample=a.prev_sample)
+    _rmse_close(a.log_prob, ref.log_prob, 1e-5, what="log_prob")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loss
+# ------------------------------------------------------------------------------------------------
+
+
+def _loss_case(device, dtype, shape, cfg, kl, kind, sigma_case, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shp = SHAPES[shape]
+    x = torch.randn(shp, generator=gen).to(device)
+    y = torch.randn(shp, generator=gen).to(device)
+    s, s_next, guard = _sigmas(sigma_case, shp[0], device)
+    v = _velocity(shp, DTYPES[dtype], device, cfg, gen=gen)
+    vr = _velocity(shp, DTYPES[dtype], device, cfg, gen=gen) if kl else None
+    # old log-probs near the current ones: ratios around 1, some clipped, some not.
+    y = sde.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=guard).prev_sample
+    lp = sde.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=guard, prev_sample=y).log_prob
+    old = lp + 0.05 * torch.randn(shp[0], generator=gen).to(device)
+    adv = torch.randn(shp[0], generator=gen).to(device)
+    kw = dict(noise_level=0.7, clip_range=0.04, beta=0.04 if kl else 0.0, velocity_ref=vr, kind=kind,
+              sigma_guard=guard)
+    return x, y, v, s, s_next, old, adv, kw
+
+
+def _run_loss(fn, x, y, v, s, s_next, old, adv, kw):
+    parts = (v.uncond, v.cond) if isinstance(v, GuidedVelocity) else (v,)
+    leaves = [p.detach().clone().requires_grad_() for p in parts]
+    vel = GuidedVelocity(leaves[0], leaves[1], v.scale) if len(leaves) == 2 else leaves[0]
+    loss, stats = fn(x, y, vel, s, s_next, old, adv, **kw)
+    loss.backward()
+    return loss, stats, [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kl", [True, False], ids=["kl", "nokl"])
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("sigma_case", list(SIGMAS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_grpo_step_loss_matches_reference(device, kl, cfg, sigma_case, dtype, kind):
+    case = _loss_case(device, dtype, "3x4x5x7", cfg, kl, kind, sigma_case)
+    loss, stats, grads = _run_loss(ops.grpo_step_loss, *case)
+    loss_r, stats_r, grads_r = _run_loss(grpo.grpo_step_loss, *case)
+    assert loss.shape == () and loss.dtype == torch.float32
+    _rmse_close(loss, loss_r, 1e-5, atol=1e-6, what="loss")
+    assert set(stats) == set(stats_r)
+    for k in stats:
+        _rmse_close(stats[k], stats_r[k], 1e-5, atol=1e-6, what=k)
+    if kl:
+        assert stats["kl"].item() > 0
+    for g, gr in zip(grads, grads_r):
+        assert g.dtype == gr.dtype and g.shape == gr.shape
+        _rmse_close(g, gr, GRAD_RTOL[dtype], atol=1e-9, what="velocity grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_grpo_step_loss_multichunk_noncontiguous(device, kind):
+    """Several reduction chunks per sample, trajectory slices as inputs, CFG and KL."""
+    gen = torch.Generator().manual_seed(3)
+    shp = (2, 3, 37, 41)
+    lat = torch.randn(2, 3, *shp[1:], generator=gen).to(device)
+    x, y = lat[:, 0], lat[:, 2]
+    assert not x.is_contiguous()
+    v = _velocity(shp, torch.bfloat16, device, True, gen=gen)
+    vr = _velocity(shp, torch.bfloat16, device, True, gen=gen)
+    s, s_next = torch.tensor([1.0, 0.7], device=device), torch.tensor([0.9, 0.5], device=device)
+    lp = sde.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=0.9, prev_sample=y).log_prob
+    old = lp + torch.tensor([0.01, -0.03], device=device)
+    adv = torch.tensor([1.0, -0.5], device=device)
+    kw = dict(noise_level=0.7, clip_range=0.02, beta=0.01, velocity_ref=vr, kind=kind, sigma_guard=0.9)
+    loss, stats, grads = _run_loss(ops.grpo_step_loss, x, y, v, s, s_next, old, adv, kw)
+    loss_r, stats_r, grads_r = _run_loss(grpo.grpo_step_loss, x, y, v, s, s_next, old, adv, kw)
+    _rmse_close(loss, loss_r, 1e-5, atol=1e-6, what="loss")
+    for k in stats:
+        _rmse_close(stats[k], stats_r[k], 1e-5, atol=1e-6, what=k)
+    for g, gr in zip(grads, grads_r):
+        _rmse_close(g, gr, GRAD_RTOL["bf16"], atol=1e-9, what="velocity grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_on_policy_ratio_is_exactly_one(device, kind):
+    """The training kernel reproduces the rollout kernel's log-probs bitwise, also on a
+    rearranged batch: ratio == 1 and approx_kl == 0 exactly on-policy."""
+    gen = torch.Generator().manual_seed(4)
+    shp = (4, 3, 37, 41)
+    x = torch.randn(shp, generator=gen).to(device)
+    v = _velocity(shp, torch.bfloat16, device, True, gen=gen)
+    s = torch.tensor([1.0, 0.8, 0.5, 0.3], device=device)
+    out = ops.sde_step(x, v, s, s - 0.1, noise_level=0.7, kind=kind, sigma_guard=0.9,
+                       noise=torch.randn(shp, generator=gen).to(device), need_mean=False)
+    assert out.mean is None
+    i = torch.tensor([2, 0, 3], device=device)
+    vi = GuidedVelocity(v.uncond[i].requires_grad_(), v.cond[i].requires_grad_(), 4.5)
+    loss, stats = ops.grpo_step_loss(x[i], out.prev_sample[i], vi, s[i], s[i] - 0.1, out.log_prob[i],
+                                     torch.tensor([1.0, -1.0, 0.5], device=device), noise_level=0.7,
+                                     clip_range=1e-4, kind=kind, sigma_guard=0.9)
+    assert stats["ratio_min"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+    assert stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grpo_step_loss_no_grad_to_samples_or_reference(device):
+    case = _loss_case(device, "fp32", "2x1x33", False, True, "sde", "mixed")
+    x, y, v, s, s_next, old, adv, kw = case
+    x = x.clone().requires_grad_()
+    kw["velocity_ref"] = kw["velocity_ref"].clone().requires_grad_()
+    vel = v.clone().requires_grad_()
+    loss, _ = ops.grpo_step_loss(x, y, vel, s, s_next, old, adv, **kw)
+    loss.backward()
+    assert vel.grad is not None and vel.grad.abs().sum() > 0
+    assert x.grad is None and kw["velocity_ref"].grad is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("FASTFLOW_KERNELS", "auto")
+    assert ops.backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
+    assert ops.backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("FASTFLOW_KERNELS", "TRITON")
+    assert ops.backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("FASTFLOW_KERNELS", "fast")
+    with pytest.raises(ValueError, match="FASTFLOW_KERNELS"):
+        ops.backend(torch.device("cpu"))
+
+
+def test_torch_path_is_the_reference(monkeypatch):
+    monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
+    gen = torch.Generator().manual_seed(5)
+    x, v, n = (torch.randn(2, 3, 5, generator=gen) for _ in range(3))
+    out = ops.sde_step(x, v, 0.5, 0.3, noise_level=0.7, noise=n, need_mean=False)
+    ref = sde.sde_step(x, v, 0.5, 0.3, noise_level=0.7, noise=n)
+    assert torch.equal(out.log_prob, ref.log_prob) and torch.equal(out.mean, ref.mean)
+    with pytest.raises(RuntimeError, match="Triton path"):
+        ops.sde_step_philox(x, v, 0.5, 0.3, noise_level=0.7, seed=torch.tensor([1]),
+                            offset=torch.tensor([0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sde_step_under_autograd_gives_gradients(device):
+    """The fused step is forward-only; with grad enabled ops.sde_step takes the reference."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 5, generator=gen).to(device)
+    v = torch.randn(2, 3, 5, generator=gen).to(device).requires_grad_()
+    y = torch.randn(2, 3, 5, generator=gen).to(device)
+    out = ops.sde_step(x, v, 0.5, 0.3, noise_level=0.7, prev_sample=y)
+    out.log_prob.sum().backward()
+    ref_v = v.detach().clone().requires_grad_()
+    sde.sde_step(x, ref_v, 0.5, 0.3, noise_level=0.7, prev_sample=y).log_prob.sum().backward()
+    torch.testing.assert_close(v.grad, ref_v.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float64_takes_the_reference(device):
+    x, v, n = (torch.randn(2, 3, dtype=torch.float64, device=device) for _ in range(3))
+    out = ops.sde_step(x, v, 0.5, 0.3, noise_level=0.7, noise=n)
+    assert out.prev_sample.dtype == torch.float64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clear_errors(device):
+    x = torch.randn(2, 3, 5, device=device)
+    v = torch.randn(2, 3, 5, device=device)
+    with pytest.raises(ValueError, match="sigma_guard"):
+        ops.sde_step(x, v, 1.0, 0.9, noise_level=0.7)
+    with pytest.raises(ValueError, match="sigma_guard"):
+        ops.sde_step(x, v, torch.tensor([0.5, 1.0], device=device), 0.4, noise_level=0.7)
+    with pytest.raises(ValueError, match="velocity shape"):
+        ops.sde_step(x, v[:, :2], 0.5, 0.4, noise_level=0.7)
+    with pytest.raises(ValueError, match="sigma has 3 entries"):
+        ops.sde_step(x, v, torch.tensor([0.5, 0.4, 0.3], device=device), 0.2, noise_level=0.7)
+    with pytest.raises(ValueError, match="kind must be"):
+        ops.sde_step(x, v, 0.5, 0.4, noise_level=0.7, kind="ddim")
+    with pytest.raises(ValueError, match="one-element int64"):
+        ops.sde_step_philox(x, v, 0.5, 0.4, noise_level=0.7, seed=torch.tensor([1.0], device=device),
+                            offset=torch.tensor([0], device=device))
+    lp = torch.zeros(2, device=device)
+    with pytest.raises(ValueError, match="'ode' has no log-prob"):
+        ops.grpo_step_loss(x, x, v, 0.5, 0.4, lp, lp, noise_level=0.7, clip_range=1e-4, kind="ode")
+    with pytest.raises(ValueError, match="shapes differ"):
+        ops.grpo_step_loss(x, x, v, 0.5, 0.4, lp[:1], lp, noise_level=0.7, clip_range=1e-4)
