@@ -6,6 +6,7 @@ scores are checked against embeddings computed by hand from the model's own modu
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
