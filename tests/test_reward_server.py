@@ -174,3 +174,5 @@ def test_server_cli_errors():
     assert r.returncode != 0 and "unknown reward 'nope'" in r.stderr
     with pytest.raises(ValueError, match="option url"):
         build_reward("remote", url="127.0.0.1:1")
+    with pytest.raises(FileNotFoundError, match="token_file not found"):
+        build_reward("remote", url="http://127.0.0.1:1", token_file="/nonexistent/token")

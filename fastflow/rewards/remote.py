@@ -42,7 +42,10 @@ class RemoteReward:
         if not url or not str(url).startswith(("http://", "https://")):
             raise ValueError(f"remote reward: option url must be http(s)://host:port, got {url!r}")
         if token is None and token_file:
-            token = Path(token_file).read_text().strip()
+            path = Path(token_file).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"remote reward: token_file not found: {path}")
+            token = path.read_text().strip()
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.url = str(url).rstrip("/")
         self.reward = reward

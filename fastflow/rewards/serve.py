@@ -44,7 +44,7 @@ def parse_option(text: str) -> tuple[str, object]:
 def read_token(token_file: str | None) -> str | None:
     """The shared token from --token-file, else $FASTFLOW_REWARD_TOKEN, else None (no auth)."""
     if token_file:
-        path = Path(token_file)
+        path = Path(token_file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--token-file: no such file: {path}")
         token = path.read_text().strip()
