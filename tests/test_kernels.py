@@ -379,3 +379,31 @@ def test_clear_errors(device):
         ops.grpo_step_loss(x, x, v, 0.5, 0.4, lp, lp, noise_level=0.7, clip_range=1e-4, kind="ode")
     with pytest.raises(ValueError, match="shapes differ"):
         ops.grpo_step_loss(x, x, v, 0.5, 0.4, lp[:1], lp, noise_level=0.7, clip_range=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark smoke run (CPU: the reference paths, a tiny size, seconds)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bench_kernels_cpu_smoke(tmp_path, monkeypatch, capsys):
+    import json
+    from pathlib import Path
+
+    import importlib.util
+
+    bench_dir = Path(__file__).resolve().parent.parent / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    common = importlib.import_module("common")
+    # Loaded from its path: the bare module name "kernels" is the repository's kernel package.
+    spec = importlib.util.spec_from_file_location("fastflow_bench_kernels", bench_dir / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    bench.main(["--device", "cpu", "--cases", "tiny", "--reps", "1"])
+    rows = [json.loads(line) for f in tmp_path.glob("kernels-*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["op"] for r in rows} == set(bench.BYTES)
+    for r in rows:
+        assert r["impl"] == "eager" and r["ms"] > 0 and r["gbps"] > 0
+        assert r["torch"] == torch.__version__ and r["commit"] and r["date"]
+    assert "eager PyTorch reference only" in capsys.readouterr().out
