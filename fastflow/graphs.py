@@ -1,0 +1,410 @@
+"""The rollout captured as a CUDA graph: fastflow.rollout.sample() with its Python and launch
+overhead removed.
+
+On CUDA the whole reduced-step rollout (every step's transformer forward with its CFG batch, the
+fused SDE step kernel, the log-prob recording) is captured once per shape and replayed:
+
+    sampler = GraphedSampler(policy)                       # mode="graph" (default), noise="auto"
+    traj = sampler(cond, num_steps=10, guidance_scale=4.5, noise_level=0.7, seeds=seeds,
+                   autocast=torch.autocast("cuda", dtype=torch.bfloat16))
+    traj = graphed_sample(policy, cond, ...)               # the same, sample()'s signature
+
+A captured program is keyed by everything that changes the kernels it launches: batch, latent
+shape, step count, guidance scale, noise level, kind, window, noise mode, autocast dtype and the
+conditioning's shapes/dtypes. Inputs are copied into static buffers before each replay and the
+outputs are copied out after it, so a returned Trajectory is never overwritten by a later replay.
+
+Noise (``noise=``):
+- "host": the initial latents and every step's noise are drawn exactly as sample() draws them
+  (one generator per sample seed, or the batch generator) into a static noise buffer before the
+  replay. Results equal sample()'s within kernel rounding, and keep its guarantee that a sample's
+  trajectory does not depend on its batch.
+- "philox": the step noise is drawn inside the fused kernel by Philox from a seed and an offset
+  held in device tensors (fastflow.ops.sde_step_philox). Each call sets a fresh seed (from the
+  seeds, the generator or torch's default generator) and the kernel advances the offset in the
+  graph, so every replay has fresh noise and nothing is copied. The stream is not sample()'s, and
+  it depends on the sample's position in the batch.
+- "auto" (default): "host" when per-sample ``seeds`` are given (the trainer's case), else "philox".
+
+Modes (``mode=``): "graph" an explicit torch.cuda.CUDAGraph (default: predictable, one replay per
+rollout); "compile" torch.compile(policy.velocity, mode="reduce-overhead") inside sample()'s loop;
+"static" runs the captured program's code without capturing it (for debugging and for checking
+the program on a CPU); "eager" plain sample().
+
+Whenever capture is impossible (not CUDA, fused kernels off, a policy that says it cannot be
+captured, an error during capture) the call falls back to fastflow.rollout.sample() and the reason
+is logged once (logger "fastflow.graphs"); ``sampler.last_path`` / ``last_reason`` tell which path
+the last call took.
+
+Captured weights are read at replay time, so in-place optimizer updates are seen; if a trainable
+parameter is replaced by a new tensor (``p.data = ...``) the programs are captured again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import weakref
+from collections import OrderedDict
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor
+
+from fastflow import ops
+from fastflow.rollout import Cond, Policy, Trajectory, _cond_batch, _cond_device, _NoiseSource, sample
+
+log = logging.getLogger("fastflow.graphs")
+
+MODES = ("graph", "compile", "static", "eager")
+NOISE_MODES = ("auto", "host", "philox")
+ATTENTION = ("auto", "sdpa", "flash", "none")
+
+
+def attention_context(attention: str, device: torch.device) -> ContextManager:
+    """The attention kernels the transformer runs with on ``device``.
+
+    "sdpa": PyTorch's scaled_dot_product_attention restricted to its fast backends in priority
+    order cuDNN, flash, memory-efficient (math only as the last resort); "flash": additionally
+    diffusers' flash-attn backend for models that dispatch through it (needs the flash_attn
+    package); "auto": "flash" when flash_attn is installed, else "sdpa"; "none": leave as is.
+    Off CUDA every choice is a no-op.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if device.type != "cuda" or attention == "none":
+        return contextlib.nullcontext()
+    if attention == "auto":
+        attention = "flash" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    stack = contextlib.ExitStack()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    stack.enter_context(sdpa_kernel(order, set_priority=True))
+    if attention == "flash":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError("attention='flash' needs the flash_attn package")
+        from diffusers.models.attention_dispatch import attention_backend
+
+        stack.enter_context(attention_backend("flash"))
+    return stack
+
+
+def _freeze(value):
+    """A hashable stand-in for a non-tensor conditioning value (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    hash(value)  # raises TypeError for unhashable values: the caller falls back to eager
+    return value
+
+
+def _autocast_dtype(autocast) -> Any:
+    if autocast is None:
+        return None
+    if isinstance(autocast, torch.autocast):
+        return (autocast.device, autocast.fast_dtype, bool(autocast._enabled))
+    return ("opaque", id(autocast))
+
+
+def _fresh_autocast(autocast) -> ContextManager:
+    """A context equal to ``autocast`` but with the cast cache off: cached weight casts made
+    during a capture would be freed on exit while the graph still points at them."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    if isinstance(autocast, torch.autocast):
+        return torch.autocast(autocast.device, dtype=autocast.fast_dtype,
+                              enabled=bool(autocast._enabled), cache_enabled=False)
+    return autocast
+
+
+class _Program:
+    """One rollout shape: static buffers and the straight-line code the graph captures."""
+
+    def __init__(self, policy: Policy, *, batch: int, num_steps: int, guidance_scale: float,
+                 noise_level: float, kind: str, window: range, noise: str, cond: Cond, autocast,
+                 attention: str, device: torch.device):
+        self.policy, self.device = policy, device
+        self.batch, self.num_steps, self.kind = batch, num_steps, kind
+        self.guidance_scale, self.noise_level, self.noise = guidance_scale, noise_level, noise
+        self.autocast, self.attention = autocast, attention
+        self.sigmas = policy.sigmas(num_steps).to(torch.float32)
+        self.sig_dev = self.sigmas.to(device)
+        self.guard = float(self.sigmas[1])
+        record = kind != "ode"
+        self.step_kinds = [kind if (record and i in window) else "ode" for i in range(num_steps)]
+        self.recorded = [i for i, k in enumerate(self.step_kinds) if k != "ode"]
+        shape = (batch, *policy.latent_shape)
+        f32 = dict(dtype=torch.float32, device=device)
+        k = len(self.recorded)
+        self.x0 = torch.zeros(shape, **f32)
+        self.noise_buf = torch.zeros((k, *shape), **f32) if noise == "host" else None
+        self.seed = torch.zeros(1, dtype=torch.int64, device=device)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=device)
+        self.cond = {key: (v.detach().clone() if isinstance(v, Tensor) else v) for key, v in cond.items()}
+        self.out_latents = torch.zeros((batch, k, *shape[1:]), **f32)
+        self.out_next = torch.zeros((batch, k, *shape[1:]), **f32)
+        self.out_log_probs = torch.zeros((batch, k), **f32)
+        self.out_final = torch.zeros(shape, **f32)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, x0: Tensor, cond: Cond, noise_source: _NoiseSource | None, seed: int) -> None:
+        """Copy this call's inputs into the static buffers."""
+        self.x0.copy_(x0)
+        for key, v in cond.items():
+            if isinstance(v, Tensor):
+                self.cond[key].copy_(v)
+        if self.noise_buf is not None:
+            for j in range(self.noise_buf.shape[0]):  # sample()'s draw order: step by step
+                self.noise_buf[j].copy_(noise_source.draw(self.x0.shape))
+        self.seed.fill_(seed)
+        self.offset.zero_()
+
+    def body(self) -> None:
+        """The rollout on the static buffers; what the graph captures."""
+        x = self.x0
+        k = 0
+        with attention_context(self.attention, self.device):
+            for i in range(self.num_steps):
+                s = self.sig_dev[i].expand(self.batch)
+                s_next = self.sig_dev[i + 1].expand(self.batch)
+                with _fresh_autocast(self.autocast):
+                    v = self.policy.velocity(x, s, self.cond, guidance_scale=self.guidance_scale)
+                step_kind = self.step_kinds[i]
+                common = dict(noise_level=self.noise_level, kind=step_kind, sigma_guard=self.guard,
+                              need_mean=False)
+                if step_kind == "ode":
+                    out = ops.sde_step(x, v, s, s_next, **common)
+                elif self.noise == "host":
+                    out = ops.sde_step(x, v, s, s_next, noise=self.noise_buf[k], **common)
+                else:
+                    out = ops.sde_step_philox(x, v, s, s_next, seed=self.seed, offset=self.offset,
+                                              **common)
+                if step_kind != "ode":
+                    self.out_latents[:, k].copy_(x)
+                    self.out_next[:, k].copy_(out.prev_sample)
+                    self.out_log_probs[:, k].copy_(out.log_prob)
+                    k += 1
+                x = out.prev_sample
+        self.out_final.copy_(x)
+
+    def capture(self, warmup: int = 2) -> None:
+        """Warm up on a side stream (compiles kernels, sizes workspaces), then capture ``body``."""
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self.body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.body()
+        self.graph = graph
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.body()
+
+    def trajectory(self, cond: Cond, prompt_ids: Tensor | None) -> Trajectory:
+        """The outputs, copied out of the static buffers."""
+        idx = torch.tensor(self.recorded, dtype=torch.long)
+        return Trajectory(
+            latents=self.out_latents.clone(), next_latents=self.out_next.clone(),
+            log_probs=self.out_log_probs.clone(), sigmas=self.sigmas[idx],
+            sigmas_next=self.sigmas[idx + 1], step_indices=idx, sigma_guard=self.guard,
+            final=self.out_final.clone(),
+            prompt_ids=prompt_ids if prompt_ids is not None else torch.arange(self.batch),
+            cond=dict(cond))
+
+
+class _CompiledVelocity:
+    """A stand-in Policy whose velocity is torch.compile(mode="reduce-overhead"); every other
+    attribute is the wrapped policy's, so sample() runs unchanged around it."""
+
+    def __init__(self, policy: Policy):
+        self._policy = policy
+        self._compiled = torch.compile(policy.velocity, mode="reduce-overhead", dynamic=False)
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+    def velocity(self, latents, sigma, cond, *, guidance_scale):
+        # Each call is a new step of the cudagraph tree: the previous outputs were consumed by
+        # the SDE step already.
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled(latents, sigma, cond, guidance_scale=guidance_scale)
+
+
+class GraphedSampler:
+    """fastflow.rollout.sample() for one policy, captured as CUDA graphs; see the module docstring.
+
+    mode: "graph" | "compile" | "static" | "eager"; noise: "auto" | "host" | "philox";
+    attention: "auto" | "sdpa" | "flash" | "none" (see attention_context); max_programs: how many
+    captured shapes are kept (least recently used dropped; each holds its activations' memory).
+    """
+
+    def __init__(self, policy: Policy, *, mode: str = "graph", noise: str = "auto",
+                 attention: str = "auto", max_programs: int = 4, warmup: int = 2):
+        if mode not in MODES:
+            raise ValueError(f"GraphedSampler mode must be one of {MODES}, got {mode!r}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"GraphedSampler noise must be one of {NOISE_MODES}, got {noise!r}")
+        if attention not in ATTENTION:
+            raise ValueError(f"GraphedSampler attention must be one of {ATTENTION}, got {attention!r}")
+        if max_programs < 1:
+            raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+        self.policy, self.mode, self.noise, self.attention = policy, mode, noise, attention
+        self.max_programs, self.warmup = max_programs, warmup
+        self.programs: OrderedDict[tuple, _Program] = OrderedDict()
+        self.failed: dict[tuple, str] = {}
+        self.captures = 0
+        self.last_path: str | None = None
+        self.last_reason: str | None = None
+        self._logged: set[str] = set()
+        self._param_ptrs: dict[str, int] | None = None
+        self._compiled: _CompiledVelocity | None = None
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _fallback_reason(self, device: torch.device) -> str | None:
+        if self.mode == "eager":
+            return "mode='eager' requested"
+        if self.mode == "static":
+            return None
+        if device.type != "cuda" or not torch.cuda.is_available():
+            what = "CUDA graphs" if self.mode == "graph" else "torch.compile reduce-overhead"
+            return f"device {device} is not CUDA ({what} need a CUDA device)"
+        if getattr(self.policy, "supports_cuda_graphs", True) is False:
+            return f"{type(self.policy).__name__} declares supports_cuda_graphs = False"
+        if self.mode == "graph" and ops.backend(device) != "triton":
+            return ("the fused SDE kernels are off (FASTFLOW_KERNELS=torch or no triton): the "
+                    "reference step synchronises with the host, which a capture forbids")
+        return None
+
+    def _note(self, path: str, reason: str | None) -> None:
+        self.last_path, self.last_reason = path, reason
+        if reason and reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("rollout runs eagerly (fastflow.rollout.sample): %s", reason)
+
+    def _noise_mode(self, seeds) -> str:
+        if self.noise != "auto":
+            return self.noise
+        return "host" if seeds is not None else "philox"
+
+    def _params_moved(self) -> bool:
+        """True when a trainable parameter now lives in other memory than at capture time."""
+        try:
+            ptrs = {n: p.data_ptr() for n, p in self.policy.named_trainable_parameters().items()}
+        except Exception:  # noqa: BLE001 - a policy without the hook: nothing to compare
+            return False
+        moved = self._param_ptrs is not None and ptrs != self._param_ptrs
+        self._param_ptrs = ptrs
+        return moved
+
+    # -- the call ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, cond: Cond, *, num_steps: int, guidance_scale: float, noise_level: float,
+                 kind: str = "sde", generator: torch.Generator | None = None,
+                 seeds: Tensor | None = None, window: range | None = None,
+                 prompt_ids: Tensor | None = None, latents: Tensor | None = None,
+                 autocast: ContextManager | None = None, device=None) -> Trajectory:
+        """Same arguments and result as fastflow.rollout.sample (``policy`` is the sampler's)."""
+        kw = dict(num_steps=num_steps, guidance_scale=guidance_scale, noise_level=noise_level,
+                  kind=kind, generator=generator, seeds=seeds, window=window,
+                  prompt_ids=prompt_ids, latents=latents, autocast=autocast, device=device)
+        device = torch.device(device if device is not None else _cond_device(cond))
+        reason = self._fallback_reason(device)
+        if reason is not None:
+            self._note("eager", reason)
+            return sample(self.policy, cond, **kw)
+        if self.mode == "compile":
+            if self._compiled is None:
+                self._compiled = _CompiledVelocity(self.policy)
+            self._note("compile", None)
+            return sample(self._compiled, cond, **kw)
+
+        batch = _cond_batch(cond)
+        window = range(num_steps) if window is None else window
+        noise = self._noise_mode(seeds)
+        if noise == "philox" and kind != "ode" and ops.backend(device) != "triton":
+            raise RuntimeError("GraphedSampler noise='philox' needs the fused kernels "
+                               "(CUDA, or FASTFLOW_KERNELS=triton with TRITON_INTERPRET=1)")
+        try:
+            cond_sig = tuple(sorted(
+                (k, ("t", tuple(v.shape), v.dtype, v.device.type)) if isinstance(v, Tensor)
+                else (k, ("v", _freeze(v))) for k, v in cond.items()))
+        except TypeError as e:
+            self._note("eager", f"conditioning has an unhashable non-tensor value ({e})")
+            return sample(self.policy, cond, **kw)
+        key = (batch, tuple(self.policy.latent_shape), num_steps, float(guidance_scale),
+               float(noise_level), kind, tuple(window), noise, _autocast_dtype(autocast), cond_sig,
+               str(device))
+        if key in self.failed:
+            self._note("eager", self.failed[key])
+            return sample(self.policy, cond, **kw)
+        if self._params_moved():
+            log.info("trainable parameters were replaced: captured rollouts are rebuilt")
+            self.programs.clear()
+
+        source = _NoiseSource(seeds, generator, device)
+        x0 = latents if latents is not None else source.draw((batch, *self.policy.latent_shape))
+        seed = self._philox_seed(seeds, generator) if noise == "philox" else 0
+
+        program = self.programs.get(key)
+        if program is None:
+            program = _Program(self.policy, batch=batch, num_steps=num_steps,
+                               guidance_scale=guidance_scale, noise_level=noise_level, kind=kind,
+                               window=window, noise=noise, cond=cond, autocast=autocast,
+                               attention=self.attention, device=device)
+            program.load(x0.to(device), cond, source, seed)
+            if self.mode == "graph":
+                try:
+                    program.capture(self.warmup)
+                except Exception as e:  # noqa: BLE001 - any capture failure means eager
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    self.failed[key] = f"capture failed: {type(e).__name__}: {msg}"
+                    self._note("eager", self.failed[key])
+                    # Per-sample seeds restart in sample(); a batch generator was partly consumed.
+                    return sample(self.policy, cond, **kw)
+                self.captures += 1
+            self.programs[key] = program
+            while len(self.programs) > self.max_programs:
+                self.programs.popitem(last=False)
+            program.offset.zero_()  # the warm-up runs advanced the Philox counter
+        else:
+            self.programs.move_to_end(key)
+            program.load(x0.to(device), cond, source, seed)
+        program.run()
+        self._note(self.mode, None)
+        return program.trajectory(cond, prompt_ids)
+
+    @staticmethod
+    def _philox_seed(seeds, generator) -> int:
+        """A fresh Philox seed for one call: from the per-sample seeds (deterministic), else drawn
+        from the generator (or torch's default one)."""
+        if seeds is not None:
+            return hash(tuple(int(s) for s in torch.as_tensor(seeds).reshape(-1).tolist())) & (2**62 - 1)
+        dev = generator.device if generator is not None else torch.device("cpu")
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=dev))
+
+
+_SAMPLERS: "weakref.WeakKeyDictionary[Any, GraphedSampler]" = weakref.WeakKeyDictionary()
+
+
+def sampler_for(policy: Policy, **options) -> GraphedSampler:
+    """The GraphedSampler of ``policy`` (one per policy, created with ``options`` on first use)."""
+    s = _SAMPLERS.get(policy)
+    if s is None:
+        s = GraphedSampler(policy, **options)
+        _SAMPLERS[policy] = s
+    return s
+
+
+def graphed_sample(policy: Policy, cond: Cond, **kwargs) -> Trajectory:
+    """A drop-in for fastflow.rollout.sample(policy, cond, ...): the same arguments and result,
+    through the policy's GraphedSampler (default options: explicit CUDA graph, noise "auto")."""
+    return sampler_for(policy)(cond, **kwargs)
