@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -48,6 +49,10 @@ class RemoteReward:
             token = path.read_text().strip()
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.url = str(url).rstrip("/")
+        # Loopback never goes through an HTTP proxy set in the environment; other hosts may.
+        host = urllib.parse.urlsplit(self.url).hostname
+        handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
+        self._opener = urllib.request.build_opener(*handlers)
         self.reward = reward
         self.timeout, self.deadline = float(timeout), float(deadline)
         self.batch_size, self.backoff = int(batch_size), float(backoff)
@@ -81,7 +86,7 @@ class RemoteReward:
             attempt += 1
             req = urllib.request.Request(self.url + "/score", data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=min(self.timeout, remaining)) as resp:
+                with self._opener.open(req, timeout=min(self.timeout, remaining)) as resp:
                     reply = json.loads(resp.read())
                 return self._check(reply, n)
             except urllib.error.HTTPError as e:
