@@ -131,7 +131,9 @@ class TrainConfig:
     adam_eps: float = opt(1e-8, "Adam epsilon (> 0).")
     batch_size: int = opt(0, "Per-rank training micro-batch (images per forward/backward); "
                              "0 = sample.batch_size.")
-    grad_accum: int = opt(2, "Training micro-batches per optimizer step (each over every trained timestep).")
+    optimizer_steps: int = opt(2, "Optimizer steps per inner epoch (the paper: 2). Gradients accumulate over "
+                                  "the training micro-batches between steps; independent of the world size, "
+                                  "so one config trains the same way on any number of GPUs.")
     beta: float = opt(0.04, "KL penalty weight (the public code's KL form); 0 = no KL term.")
     clip_range: float = opt(1e-4, "PPO ratio clip epsilon (> 0).")
     adv_clip: float = opt(5.0, "Advantages are clipped to [-adv_clip, adv_clip] (> 0).")
@@ -232,6 +234,7 @@ class Derived:
     sample_batches_per_rank: int  # sampler calls per rank per iteration
     train_batch_size: int  # train.batch_size with 0 resolved
     train_batches_per_rank: int  # training micro-batches per rank per inner epoch
+    grad_accum: int  # micro-batches per optimizer step on each rank
     optimizer_steps_per_iter: int  # over all inner epochs
     trained_timesteps: int  # K' = floor(K * timestep_fraction)
     eval_guidance_scale: float  # eval.guidance_scale with 0 resolved
@@ -360,7 +363,7 @@ def _coerce(name: str, value: Any, tp) -> Any:
             raise bad()
         return value
     if tp is int:
-        # bool is an int subclass in Python; `grad_accum = true` is still a mistake.
+        # bool is an int subclass in Python; `optimizer_steps = true` is still a mistake.
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad()
         return value
@@ -723,7 +726,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(train.weight_decay >= 0, f"train.weight_decay ({train.weight_decay}) must be >= 0")
     need(train.adam_eps > 0, f"train.adam_eps ({train.adam_eps}) must be > 0")
     need(train.batch_size >= 0, f"train.batch_size ({train.batch_size}) must be >= 1, or 0 (= sample.batch_size)")
-    need(train.grad_accum >= 1, f"train.grad_accum ({train.grad_accum}) must be >= 1")
+    need(train.optimizer_steps >= 1, f"train.optimizer_steps ({train.optimizer_steps}) must be >= 1")
     need(train.beta >= 0, f"train.beta ({train.beta}) must be >= 0")
     need(train.clip_range > 0, f"train.clip_range ({train.clip_range}) must be > 0")
     need(train.adv_clip > 0, f"train.adv_clip ({train.adv_clip}) must be > 0")
@@ -776,9 +779,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
          f"train.batch_size ({tbs}) must divide the {per_rank} images per rank "
          f"({images} images / {world_size} rank(s))")
     train_batches = per_rank // tbs
-    need(train_batches % train.grad_accum == 0,
-         f"train.grad_accum ({train.grad_accum}) must divide the {train_batches} training micro-batches "
-         f"per rank ({per_rank} images / train batch {tbs})")
+    need(train_batches % train.optimizer_steps == 0,
+         f"train.optimizer_steps ({train.optimizer_steps}) must divide the {train_batches} training "
+         f"micro-batches per rank ({per_rank} images / train batch {tbs})")
 
     # Rewards: imported here (it imports torch) so that `import fastflow.config` stays light.
     from fastflow import rewards as _rewards
@@ -816,7 +819,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         sample_batches_per_rank=per_rank // sample.batch_size,
         train_batch_size=tbs,
         train_batches_per_rank=train_batches,
-        optimizer_steps_per_iter=train.inner_epochs * train_batches // train.grad_accum,
+        grad_accum=train_batches // train.optimizer_steps,
+        optimizer_steps_per_iter=train.inner_epochs * train.optimizer_steps,
         trained_timesteps=trained,
         eval_guidance_scale=ev.guidance_scale or sample.guidance_scale,
     )
@@ -963,7 +967,8 @@ ranks. With `W` ranks, every split must be exact:
 | images per rank | `images / W` | 36 |
 | sampler calls per rank | `images per rank / sample.batch_size` | 36 / 9 = 4 |
 | training micro-batches per rank | `images per rank / train.batch_size` (0 = `sample.batch_size`) | 4 |
-| optimizer steps per iteration | `inner_epochs * micro-batches / grad_accum` | 4 / 2 = 2 |
+| optimizer steps per iteration | `inner_epochs * train.optimizer_steps` | 1 x 2 = 2 |
+| micro-batches per optimizer step (`grad_accum`) | `micro-batches / train.optimizer_steps` | 4 / 2 = 2 |
 | trained timesteps `K'` | `floor(K * timestep_fraction)`, `K = window_size or train_steps` | floor(10 * 0.99) = 9 |
 
 The same file therefore runs on 1, 2, 8 or 32 ranks (on fewer ranks each rank does more sampler

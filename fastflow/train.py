@@ -243,7 +243,7 @@ class Trainer:
                         skipped += 1
                         log.warning("iteration %d: non-finite loss at step %d; skipped", it, j)
                         continue
-                    (loss / (t.grad_accum * k_train)).backward()
+                    (loss / (d.grad_accum * k_train)).backward()
                     counts += 1
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     for k, v_ in stats.items():
@@ -253,7 +253,7 @@ class Trainer:
                             sums[k] = val if prev is None else (min(prev, val) if k == "ratio_min" else max(prev, val))
                         else:
                             sums[k] = sums.get(k, 0.0) + float(v_)
-                if (b_i + 1) % t.grad_accum == 0 or b_i == len(batches) - 1:
+                if (b_i + 1) % d.grad_accum == 0:
                     gn = self.optimizer_step(params, it)
                     if gn is not None:
                         grad_norms.append(gn)

@@ -36,7 +36,7 @@ def weights(trainer):
 def test_reward_rises_on_toy(tmp_path):
     cfg, d = toy_cfg(tmp_path, "--run.iterations", "40", "--train.lr", "3e-3", "--train.clip_range", "0.2",
                      "--train.beta", "0.0", "--train.ema", "false", "--checkpoint.every", "1000",
-                     "--train.grad_accum", "1", "--sample.group_size", "8", "--sample.batch_size", "8")
+                     "--train.optimizer_steps", "3", "--sample.group_size", "8", "--sample.batch_size", "8")
     t = run(cfg, d)
     rows = [json.loads(l) for l in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward_mean" in r]
