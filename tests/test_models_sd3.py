@@ -167,7 +167,7 @@ def test_training_moves_lora_and_reference_is_the_base_model(trained, sd3_path):
 
 def test_exported_lora_loads_into_a_fresh_pipeline(trained, sd3_path, tmp_path):
     policy, traj, _, _ = trained
-    weights = policy.export_lora(tmp_path / "lora")
+    weights = policy.export(tmp_path / "lora")  # what the trainer calls at the end of a run
     assert weights.is_file()
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_path)
     pipe.load_lora_weights(tmp_path / "lora")

@@ -21,6 +21,7 @@ Conventions (diffusers' FluxPipeline and the authors' public code):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -157,6 +158,16 @@ class FluxPolicy:
     def reference(self):
         """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
         return self.tuning.reference()
+
+    def export(self, directory):
+        """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
+        ``FluxPipeline.load_lora_weights(directory)``, or for full fine-tuning the whole
+        transformer under ``directory/transformer`` (``from_pretrained`` format)."""
+        if self.tuning.finetune == "lora":
+            return self.export_lora(directory)
+        out = Path(directory) / "transformer"
+        self.transformer.save_pretrained(out)
+        return out
 
     def export_lora(self, directory, dtype: torch.dtype | None = None):
         """Save the LoRA for ``FluxPipeline.load_lora_weights(directory)``."""

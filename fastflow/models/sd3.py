@@ -23,6 +23,8 @@ import os
 from collections import OrderedDict
 from typing import Callable, Sequence
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -194,6 +196,16 @@ class SD3Policy:
     def reference(self):
         """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
         return self.tuning.reference()
+
+    def export(self, directory):
+        """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
+        ``StableDiffusion3Pipeline.load_lora_weights(directory)``, or for full fine-tuning the whole
+        transformer under ``directory/transformer`` (``from_pretrained`` format)."""
+        if self.tuning.finetune == "lora":
+            return self.export_lora(directory)
+        out = Path(directory) / "transformer"
+        self.transformer.save_pretrained(out)
+        return out
 
     def export_lora(self, directory, dtype: torch.dtype | None = None):
         """Save the LoRA for ``StableDiffusion3Pipeline.load_lora_weights(directory)``."""
