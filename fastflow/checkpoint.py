@@ -1,12 +1,18 @@
 """Atomic checkpoints: written into a hidden temporary folder, fsynced, then renamed into place.
 
 A kill at any moment leaves either the previous checkpoints untouched or the new one complete;
-``latest_checkpoint`` only ever sees complete ones. Layout of ``<run>/checkpoints/iter-000020/``:
+``latest_checkpoint`` only ever sees complete ones (state.json is written last, then the folder is
+renamed). Layout of ``<run>/checkpoints/iter-000020/`` for a single-process run:
 
     trainable.safetensors   the trainable weights by their Policy names
     ema.safetensors         their EMA (when enabled)
-    optimizer.pt            optimizer state (torch.save; loaded with weights_only=True)
-    state.json              iteration, optimizer steps, EMA steps, config digest
+    optimizer.pt            optimizer state by parameter name (torch.save; loaded with weights_only=True)
+    state.json              iteration, optimizer steps, EMA steps
+
+and for a run over several ranks (torch.distributed.checkpoint, every rank writes its shards):
+
+    sharded/                .metadata + one __R_0.distcp file per rank: trainable, optimizer, ema
+    state.json              as above, plus the world size that wrote it
 """
 
 from __future__ import annotations
@@ -97,3 +103,184 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
     }
+
+
+# ------------------------------------------------------------------ optimizer state by name
+
+# The checkpointed optimizer state is AdamW's, by parameter name, independent of the optimizer
+# implementation and of the sharding: {"step", "exp_avg", "exp_avg_sq"} with fp32 moments shaped
+# like the parameter (DTensors when it is one). A run may therefore resume at another world size,
+# and bitsandbytes' 8-bit state is stored dequantized (re-quantized on load; exact round trip).
+_BNB_BLOCK = 256  # bitsandbytes' blockwise optimizer state block size
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "inner", optimizer)
+
+
+def _state_key(optimizer, p):
+    return optimizer.inner_param(p) if hasattr(optimizer, "inner_param") else p
+
+
+def _is_bnb(optimizer) -> bool:
+    return type(_inner(optimizer)).__module__.startswith("bitsandbytes")
+
+
+def _like(p: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
+    """``local_value`` (this rank's part) as a tensor laid out like parameter ``p``."""
+    from fastflow.parallel import is_dtensor
+
+    if not is_dtensor(p):
+        return local_value.view(p.shape)
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local_value.view(p.to_local().shape), p.device_mesh, p.placements,
+                              shape=p.shape, stride=p.stride(), run_check=False)
+
+
+def optimizer_state_by_name(optimizer, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's AdamW state by parameter name (see above); zeros for untouched parameters."""
+    out = {}
+    for n, p in params.items():
+        st = _inner(optimizer).state.get(_state_key(optimizer, p), {})
+        if not st:
+            m = v = torch.zeros_like(p, dtype=torch.float32)
+            step = 0.0
+        elif _is_bnb(optimizer):
+            step = float(st["step"])
+            m, v = (_dequantize(st, i) for i in (1, 2))
+            m, v = _like(p, m), _like(p, v)
+        else:
+            step = float(st["step"])
+            m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+        out[n] = {"step": torch.tensor(step, dtype=torch.float64), "exp_avg": m, "exp_avg_sq": v}
+    return out
+
+
+def _dequantize(st: dict, i: int) -> torch.Tensor:
+    s = st[f"state{i}"]
+    if s.dtype != torch.uint8:  # small tensors keep 32-bit state
+        return s.float().clone()
+    from bitsandbytes import functional as F
+
+    return F.dequantize_blockwise(s, absmax=st[f"absmax{i}"], code=st[f"qmap{i}"], blocksize=_BNB_BLOCK).float()
+
+
+def load_optimizer_state_by_name(optimizer, params: dict[str, torch.Tensor],
+                                 state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Install ``state`` (from ``optimizer_state_by_name``, full or sharded tensors) into ``optimizer``."""
+    from fastflow.parallel import is_dtensor, local
+
+    missing = [n for n in params if n not in state]
+    if missing:
+        raise ValueError(f"optimizer state lacks {len(missing)} parameters, e.g. {missing[0]}")
+    inner = _inner(optimizer)
+    where = {id(q): (gi, pi, g) for gi, g in enumerate(inner.param_groups) for pi, q in enumerate(g["params"])}
+    for n, p in params.items():
+        s = state[n]
+        m, v = s["exp_avg"], s["exp_avg_sq"]
+        if is_dtensor(p) and not is_dtensor(m):  # a full tensor from a single-process checkpoint
+            from torch.distributed.tensor import distribute_tensor
+            m, v = (distribute_tensor(x.to(local(p).device), p.device_mesh, p.placements) for x in (m, v))
+        m_l, v_l = local(m), local(v)
+        key = _state_key(optimizer, p)
+        if _is_bnb(optimizer):
+            st = inner.state[key]
+            if not st:
+                gi, pi, g = where[id(key)]
+                inner.init_state(g, key, gi, pi)
+                st = inner.state[key]
+            st["step"] = int(s["step"])
+            for i, x in ((1, m_l), (2, v_l)):
+                buf = st[f"state{i}"]
+                if buf.dtype == torch.uint8:
+                    from bitsandbytes import functional as F
+                    q, qs = F.quantize_blockwise(x.float().contiguous().view(buf.shape),
+                                                 code=st[f"qmap{i}"], blocksize=_BNB_BLOCK)
+                    buf.copy_(q)
+                    st[f"absmax{i}"].copy_(qs.absmax)
+                else:
+                    buf.copy_(x.view(buf.shape))
+        else:
+            g = inner.param_groups[where[id(key)][0]]
+            on_dev = bool(g.get("fused") or g.get("capturable"))
+            step = torch.tensor(float(s["step"]), dtype=torch.float32,
+                                device=local(p).device if on_dev else "cpu")
+            inner.state[key] = {"step": step, "exp_avg": m.to(p.dtype).clone(),
+                                "exp_avg_sq": v.to(p.dtype).clone()}
+
+
+# ------------------------------------------------------------------ sharded (DCP) checkpoints
+
+_SHARDED = "sharded"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """True for a checkpoint written by ``save_sharded_checkpoint`` (torch.distributed.checkpoint)."""
+    return (Path(path) / _SHARDED / ".metadata").is_file()
+
+
+def save_sharded_checkpoint(run_dir: Path, iteration: int, info, *, trainable: dict[str, torch.Tensor],
+                            optimizer_state: dict, state: dict, ema: dict[str, torch.Tensor] | None = None,
+                            keep: int = 2) -> Path:
+    """Every rank writes its shards with torch.distributed.checkpoint into a hidden folder; rank 0
+    then adds state.json and renames the folder into place (atomic, like ``save_checkpoint``).
+
+    Collective: every rank must call it. Replicated tensors are written once. Needs a file system
+    every rank sees (one machine, or a shared mount across nodes).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from fastflow.distributed import barrier
+
+    root = Path(run_dir) / "checkpoints"
+    final = checkpoint_dir(run_dir, iteration)
+    tmp = root / f".tmp-{final.name}-{_SHARDED}"
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a killed writer
+            shutil.rmtree(tmp)
+    barrier(info)
+    sd = {"trainable": {k: v.detach() for k, v in trainable.items()}, "optimizer": optimizer_state}
+    if ema is not None:
+        sd["ema"] = dict(ema)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp / _SHARDED), sync_files=True))
+    barrier(info)  # every rank's files are complete before the folder becomes visible
+    if info.is_main:
+        (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "world_size": info.world_size,
+                                                    **state}, indent=2))
+        _fsync_file(tmp / "state.json")
+        _fsync_dir(tmp / _SHARDED)
+        _fsync_dir(tmp)
+        if final.exists():
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        prune(root, keep)
+    barrier(info)
+    return final
+
+
+def load_sharded_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
+                            ema: dict[str, torch.Tensor] | None = None) -> dict:
+    """Load a sharded checkpoint IN PLACE into ``trainable``, ``optimizer_state`` (a template from
+    ``optimizer_state_by_name``) and ``ema``, at any world size (resharded on read; also without a
+    process group). Returns state.json."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / "state.json").is_file() or not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"not a complete fastflow sharded checkpoint: {path}")
+    sd = {"trainable": {k: v.detach() for k, v in trainable.items()}, "optimizer": optimizer_state}
+    if ema is not None:
+        sd["ema"] = ema
+    try:
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path / _SHARDED)))
+    except Exception as e:  # DCP reports a mismatch as a long multi-rank trace; keep the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} does not match this model: {first}") from e
+    return json.loads((path / "state.json").read_text())

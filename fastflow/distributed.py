@@ -92,3 +92,16 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_str(s: str, info: DistInfo, src: int = 0) -> str:
+    """Rank ``src``'s string on every rank (sent as UTF-8 bytes in a tensor, never pickled)."""
+    if not info.enabled:
+        return s
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    data = torch.tensor(list(s.encode()), dtype=torch.uint8, device=dev)
+    n = torch.tensor([data.numel()], dtype=torch.long, device=dev)
+    dist.broadcast(n, src)
+    buf = data if info.rank == src else torch.empty(int(n), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src)
+    return bytes(buf.cpu().tolist()).decode()

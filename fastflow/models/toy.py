@@ -85,6 +85,14 @@ class ToyPolicy:
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {f"net.{n}": p for n, p in self.net.named_parameters() if p.requires_grad}
 
+    def parallel_modules(self) -> tuple[nn.Module, list[nn.Module]]:
+        """The trained network and its blocks, for FSDP sharding (fastflow.parallel)."""
+        return self.net, [m for m in self.net.net if isinstance(m, nn.Linear)]
+
+    def reference_modules(self) -> tuple[nn.Module, list[nn.Module]]:
+        """The frozen KL reference copy, sharded like the trained network."""
+        return self.ref_net, [m for m in self.ref_net.net if isinstance(m, nn.Linear)]
+
     @contextlib.contextmanager
     def reference(self):
         prev, self._active = self._active, self.ref_net
