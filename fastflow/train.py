@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -33,11 +34,14 @@ import torch
 from torch import Tensor
 
 from fastflow import ops
-from fastflow.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastflow.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
+                                 load_optimizer_state_by_name, load_sharded_checkpoint,
+                                 optimizer_state_by_name, save_checkpoint, save_sharded_checkpoint)
 from fastflow.config import ConfigError, parse_cli, to_toml, validate
 from fastflow.data import Prompt, load_prompts
-from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_mean_, all_reduce_sum_,
+from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str,
                                   init_distributed, shutdown, world_size_from_env)
+from fastflow import parallel
 from fastflow.ema import EMA
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, plot_curves
@@ -81,7 +85,8 @@ class Trainer:
     def __init__(self, cfg, derived, info: DistInfo, resume: str | None = None):
         self.cfg, self.derived, self.info = cfg, derived, info
         self.device = info.device
-        self.run_dir = self._run_dir(resume)
+        # rank 0 picks the directory (it may be a fresh "-N" name) and tells the others
+        self.run_dir = Path(broadcast_str(str(self._run_dir(resume)) if info.is_main else "", info))
         self.stop_requested = False
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,8 @@ class Trainer:
 
         torch.manual_seed(derive_seed(cfg.run.seed, _GLOBAL))
         self.policy = build_policy(cfg, self.device)
-        self.params = self.policy.named_trainable_parameters()
+        self.strategy, self._sharded_roots = self._parallelize()
+        self.params = self.policy.named_trainable_parameters()  # after sharding: the DTensor params
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         self.optimizer = build_optimizer(cfg, list(self.params.values()))
@@ -123,22 +129,61 @@ class Trainer:
                   f"(use --resume to continue the earlier one)", file=sys.stderr)
         return new
 
+    def _parallelize(self) -> tuple[str, list[torch.nn.Module]]:
+        """Apply distributed.strategy to the policy's networks; returns (strategy, FSDP roots)."""
+        dc = self.cfg.distributed
+        strategy = parallel.resolve_strategy(dc.strategy, self.policy, self.info.world_size)
+        mods = parallel.policy_modules(self.policy)
+        if dc.activation_checkpointing and mods is not None:
+            parallel.apply_activation_checkpointing(mods[1])
+        roots: list[torch.nn.Module] = []
+        if strategy == "fsdp":
+            dtype = getattr(torch, self.cfg.model.dtype)
+            nets = [mods] + ([self.policy.reference_modules()] if hasattr(self.policy, "reference_modules") else [])
+            for root, blocks in nets:  # the frozen reference too: no second full copy per rank
+                parallel.apply_fsdp(root, list(blocks), param_dtype=dtype, cpu_offload=dc.cpu_offload,
+                                    reshard_after_forward=dc.reshard_after_forward)
+                roots.append(root)
+        elif strategy == "ddp":  # replicas must start equal (e.g. a randomly initialised LoRA)
+            parallel.broadcast_params_(self.policy.named_trainable_parameters().values(), self.info)
+        if self.info.is_main and self.info.enabled:
+            print(f"fastflow: {self.info.world_size} ranks, distributed.strategy {strategy}", file=sys.stderr)
+        return strategy, roots
+
+    def _gathered(self):
+        """FSDP: gather each block once per rollout/evaluation instead of once per denoising step."""
+        if not self._sharded_roots:
+            return contextlib.nullcontext()
+        return parallel.gathered_for_rollout(self._sharded_roots, self.cfg.distributed.reshard_after_forward)
+
     def _resume(self, resume: str) -> None:
         path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
         if path is None:
             if self.info.is_main:
                 print(f"fastflow: no checkpoint in {self.run_dir}; starting fresh", file=sys.stderr)
             return
-        ck = load_checkpoint(path, map_location=self.device)
-        with torch.no_grad():
-            for n, p in self.params.items():
-                if n not in ck["trainable"]:
-                    raise ValueError(f"checkpoint {path} lacks parameter {n}")
-                p.copy_(ck["trainable"][n])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        st = ck["state"]
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"], st.get("ema_optimizer_steps", 0))
+        if is_sharded_checkpoint(path):  # written by several ranks; read at any world size
+            opt_state = optimizer_state_by_name(self.optimizer, self.params)
+            ema = self.ema.state_dict() if self.ema is not None else None
+            st = load_sharded_checkpoint(path, trainable=self.params, optimizer_state=opt_state, ema=ema)
+            load_optimizer_state_by_name(self.optimizer, self.params, opt_state)
+            if ema is not None:
+                self.ema.optimizer_steps = int(st.get("ema_optimizer_steps", 0))
+        else:
+            ck = load_checkpoint(path, map_location="cpu")
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    if n not in ck["trainable"]:
+                        raise ValueError(f"checkpoint {path} lacks parameter {n}")
+                    p.copy_(_placed_like(p, ck["trainable"][n]))
+            if "param_groups" in ck["optimizer"]:  # an optimizer-native state dict
+                self.optimizer.load_state_dict(ck["optimizer"])
+            else:
+                load_optimizer_state_by_name(self.optimizer, self.params, ck["optimizer"])
+            st = ck["state"]
+            if self.ema is not None and ck["ema"] is not None:
+                self.ema.load_state_dict({n: _placed_like(self.ema.shadow[n], v) for n, v in ck["ema"].items()
+                                          if n in self.ema.shadow}, st.get("ema_optimizer_steps", 0))
         self.iteration = int(st["iteration"])
         self.optimizer_steps = int(st.get("optimizer_steps", 0))
         self.logger.truncate_after(self.iteration)
@@ -147,11 +192,19 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        state = {"optimizer_steps": self.optimizer_steps,
+                 "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0}
+        if self.info.enabled:  # every rank writes its shards (DCP), rank 0 commits the folder
+            return save_sharded_checkpoint(
+                self.run_dir, self.iteration, self.info, trainable=self.params,
+                optimizer_state=optimizer_state_by_name(self.optimizer, self.params),
+                ema=self.ema.state_dict() if self.ema is not None else None, state=state,
+                keep=self.cfg.checkpoint.keep)
         if self.info.is_main:
             path = save_checkpoint(
                 self.run_dir, self.iteration,
                 trainable={n: p for n, p in self.params.items()},
-                optimizer_state=self.optimizer.state_dict(),
+                optimizer_state=optimizer_state_by_name(self.optimizer, self.params),
                 ema=self.ema.state_dict() if self.ema is not None else None,
                 state={"optimizer_steps": self.optimizer_steps,
                        "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0},
@@ -178,19 +231,20 @@ class Trainer:
         trajs, futures, prompts_all = [], [], []
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            for batch in mine.split(s.batch_size):
-                prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
-                texts = [p.text for p in prompts]
-                cond = self.policy.encode_prompts(texts)
-                seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
-                traj = sample(self.policy, cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
-                              noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
-                              prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
-                images = self.policy.decode(traj.final).float().cpu()
-                # score this batch while the next one samples
-                futures.append(pool.submit(self.reward, images, texts, [p.metadata for p in prompts]))
-                trajs.append(traj)
-                prompts_all += prompts
+            with self._gathered():  # FSDP: one all-gather per block per rollout
+                for batch in mine.split(s.batch_size):
+                    prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
+                    texts = [p.text for p in prompts]
+                    cond = self.policy.encode_prompts(texts)
+                    seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
+                    traj = sample(self.policy, cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
+                                  noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
+                                  prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
+                    images = self.policy.decode(traj.final).float().cpu()
+                    # score this batch while the next one samples
+                    futures.append(pool.submit(self.reward, images, texts, [p.metadata for p in prompts]))
+                    trajs.append(traj)
+                    prompts_all += prompts
             results = [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True)
@@ -266,8 +320,8 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return None
-        all_reduce_mean_(grads, self.info)
-        gn = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        parallel.sync_gradients_(params, self.info)  # FSDP grads were reduce-scattered in backward
+        gn = parallel.full(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
         if not torch.isfinite(gn):
             log.warning("iteration %d: non-finite gradient norm; optimizer step skipped", it)
             self.optimizer.zero_grad(set_to_none=True)
@@ -291,7 +345,7 @@ class Trainer:
         cats: list[str] = []
         images_keep = []
         t0 = time.perf_counter()
-        with ctx:
+        with ctx, self._gathered():
             for start in range(0, len(pairs), cfg.eval.batch_size):
                 chunk = pairs[start:start + cfg.eval.batch_size]
                 prompts = [self.eval_prompts[i] for i, _ in chunk]
@@ -409,16 +463,19 @@ class Trainer:
 # ------------------------------------------------------------------------------------ helpers
 
 def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """train.optimizer over ``params`` (plain or FSDP2-sharded), see fastflow.parallel.build_optimizer."""
     t = cfg.train
-    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, eps=t.adam_eps)
-    if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("train.optimizer='adamw8bit' needs bitsandbytes: pip install 'fastflow[bnb]'") from None
-        return bnb.optim.AdamW8bit(params, **kw)
-    on_cuda = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, fused=on_cuda or None, foreach=None if on_cuda else True, **kw)
+    return parallel.build_optimizer(params, name=t.optimizer, lr=t.lr, betas=(t.beta1, t.beta2),
+                                    weight_decay=t.weight_decay, eps=t.adam_eps)
+
+
+def _placed_like(p: Tensor, value: Tensor) -> Tensor:
+    """A full tensor from a single-process checkpoint laid out like ``p`` (sharded when p is)."""
+    value = value.to(parallel.local(p).device)
+    if parallel.is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(value, p.device_mesh, p.placements)
+    return value
 
 
 def make_autocast(dtype: str, device: torch.device):
@@ -499,7 +556,10 @@ def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Rank-aware: rank 0 logs at INFO; other ranks only warn, unless FASTFLOW_LOG_ALL_RANKS=1.
+    quiet = int(os.environ.get("RANK", "0")) != 0 and os.environ.get("FASTFLOW_LOG_ALL_RANKS") != "1"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format=f"%(asctime)s [rank {os.environ.get('RANK', '0')}] %(name)s %(levelname)s %(message)s")
     try:
         args = parse_cli(sys.argv[1:] if argv is None else argv)
         if args.print_config:
