@@ -184,7 +184,7 @@ def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage():
 
 @pytest.mark.parametrize("bad", ["log_prob", "old_log_prob", "advantages"])
 def test_clipped_policy_loss_shape_mismatch_is_a_clear_error(bad):
-    args = {"log_prob": torch.zeros(4), "old_log_prob": torch.zeros(4), "advantages": torch.zeros(4)}
+    args = {name: torch.zeros(4) for name in ("log_prob", "old_log_prob", "advantages")}
     args[bad] = torch.zeros(4, 1)
     with pytest.raises(ValueError, match="shapes differ"):
         clipped_policy_loss(args["log_prob"], args["old_log_prob"], args["advantages"],

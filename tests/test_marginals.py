@@ -103,7 +103,8 @@ def check_marginal(x: torch.Tensor, t: float, mix: Mixture = MIXTURE) -> tuple[b
     se = prods.std(0) / math.sqrt(n)
     z_cov = (prods.mean(0) - cov) / se
     if z_cov.abs().max() > Z:
-        failures.append(f"cov {prods.mean(0).tolist()} vs {cov.tolist()} (max z {z_cov.abs().max():.1f})")
+        failures.append(f"cov {prods.mean(0).tolist()} vs {cov.tolist()} "
+                        f"(max z {z_cov.abs().max():.1f})")
 
     resp = mix.log_resp(x, t).exp()
     z_mass = (resp.mean(0) - mix.weights) / (resp.std(0) / math.sqrt(n))

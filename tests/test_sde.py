@@ -28,7 +28,7 @@ def test_flow_sigmas_equal_diffusers_bitwise(shift):
         ref = sched.sigmas
         if ours.dtype != ref.dtype or ours.shape != ref.shape or not torch.equal(ours, ref):
             mismatched.append(n)
-    assert not mismatched, f"flow_sigmas differs from diffusers for shift {shift} at n = {mismatched}"
+    assert not mismatched, f"flow_sigmas != diffusers for shift {shift} at n = {mismatched}"
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 40, 100], ids=lambda n: f"n{n}")
@@ -221,7 +221,8 @@ def test_sigma_one_uses_guard_in_denominator_only():
     grid = flow_sigmas(10, 3.0).double()
     guard = float(grid[1])
     out = sde_step(x, v, 1.0, guard, noise_level=0.7, kind="sde", noise=eps, sigma_guard=guard)
-    ref = ref_step(_np(x), _np(v), [1.0, 1.0], [guard, guard], 0.7, "sde", eps=_np(eps), guard=guard)
+    ref = ref_step(_np(x), _np(v), [1.0, 1.0], [guard, guard], 0.7, "sde", eps=_np(eps),
+                   guard=guard)
     _assert_matches_ref(out, ref, kind="sde", **F64_TOL)
     assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.log_prob).all()
     # Using the guard everywhere (also in the numerator and in the drift) is a different step:
