@@ -8,10 +8,12 @@ CPU tensor runs the kernels through Triton's interpreter (set TRITON_INTERPRET=1
 fastflow.kernels is imported). float64 inputs always take the reference (the kernels compute in
 float32).
 
-Autograd: the fused sde_step is forward-only; a call that needs gradients (grad mode on and a
-velocity that requires grad) takes the reference, so gradients through ``mean`` / ``log_prob``
-always work. Training differentiates through grpo_step_loss, whose fused backward writes the
-velocity gradients in one pass.
+Autograd: on the Triton path a call that needs gradients (grad mode on and a sample or velocity
+that requires grad) runs the same kernel inside an autograd Function whose backward is the exact
+derivative in PyTorch, so values are bitwise those of a no-grad call (a rollout's log-probs are
+reproduced exactly) and gradients reach the sample and velocity through ``mean`` / ``log_prob``.
+Training differentiates through grpo_step_loss, whose fused backward writes the velocity
+gradients in one pass.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ def sde_step(sample, velocity, sigma, sigma_next, *, need_mean: bool = True, **k
     need_mean=False lets the fused path skip writing ``mean`` (it is then None): the rollout only
     needs prev_sample and log_prob. The reference path always returns it.
     """
-    grad = torch.is_grad_enabled() and any(p.requires_grad for p in _parts(velocity))
-    if not grad and _use_triton(sample, velocity):
-        return _kernels(sample.device).sde_step(sample, velocity, sigma, sigma_next,
-                                                need_mean=need_mean, **kw)
+    if _use_triton(sample, velocity):
+        kernels = _kernels(sample.device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (sample, *_parts(velocity))):
+            return kernels.sde_step_differentiable(sample, velocity, sigma, sigma_next, **kw)
+        return kernels.sde_step(sample, velocity, sigma, sigma_next, need_mean=need_mean, **kw)
     return _sde.sde_step(sample, velocity, sigma, sigma_next, **kw)
 
 

@@ -11,4 +11,4 @@ Use them through fastflow.ops, which picks them or the PyTorch reference.
 
 from ._common import INTERPRETED, geometry  # noqa: F401
 from .grpo_loss import grpo_step_loss  # noqa: F401
-from .sde_step import sde_step  # noqa: F401
+from .sde_step import sde_step, sde_step_differentiable  # noqa: F401

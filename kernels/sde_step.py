@@ -3,8 +3,9 @@ combined tensor), the sample and the noise (a tensor, or Philox drawn in-kernel 
 offset held in device tensors), and writes the next sample, the per-sample log-prob and, only when
 asked, the mean. Same math as fastflow.sde.sde_step (kinds sde / cps / ode).
 
-Forward only: fastflow.ops.sde_step sends calls that need autograd to the reference; training
-differentiates through fastflow.ops.grpo_step_loss (kernels/grpo_loss.py).
+sde_step is forward only; sde_step_differentiable wraps the same kernel with an autograd Function
+(PyTorch backward) for callers that need gradients through mean / log_prob. Training
+differentiates through fastflow.ops.grpo_step_loss (kernels/grpo_loss.py, fused backward).
 """
 
 from __future__ import annotations
@@ -155,3 +156,79 @@ def sde_step(sample: Tensor, velocity, sigma, sigma_next, *, noise_level: float,
     launch_finalize(part, None, log_prob, None, std, sig, nxt, grd, float(noise_level), sin_a, n,
                     chunks, kind_id)
     return StepOutput(prev, log_prob, mean, std)
+
+
+def _coef_tensors(kind, sigma, sigma_next, sigma_guard, noise_level, batch, ndim, device):
+    """Per-sample (d mean/d x, d mean/d v, transition std) as float32 [B, 1, ...] for backward."""
+    def col(value, name):
+        t, stride = per_sample(value, batch, device, name)
+        return (t.expand(batch) if stride == 0 else t).reshape(batch, *([1] * (ndim - 1)))
+
+    s, sn = col(sigma, "sigma"), col(sigma_next, "sigma_next")
+    dt = sn - s
+    if kind == "sde":
+        g = col(sigma_guard, "sigma_guard") if sigma_guard is not None else s
+        std_t = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, g, s)))
+        dmdx = 1 + std_t**2 / (2 * s) * dt
+        dmdv = (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+        return dmdx, dmdv, std_t * torch.sqrt(-dt)
+    if kind == "cps":
+        std_t = sn * math.sin(noise_level * math.pi / 2)
+        r = torch.sqrt(sn**2 - std_t**2)
+        return (1 - sn) + r, -(1 - sn) * s + r * (1 - s), std_t
+    return torch.ones_like(s), dt, torch.zeros_like(s)
+
+
+class SdeStepFunction(torch.autograd.Function):
+    """The fused step with gradients: forward values are the kernel's (bitwise those of a
+    no-grad call), backward is the exact derivative of the reference math, in PyTorch (this is
+    not the training hot path: training differentiates through grpo_step_loss)."""
+
+    @staticmethod
+    def forward(ctx, x, u, c, velocity_scale, kw):
+        velocity = GuidedVelocity(u, c, velocity_scale) if c is not None else u
+        out = sde_step(x, velocity, need_mean=True, **kw)
+        ctx.kw, ctx.scale, ctx.cfg = kw, velocity_scale, c is not None
+        ctx.dtypes = (x.dtype, u.dtype, c.dtype if c is not None else None)
+        ctx.save_for_backward(out.prev_sample, out.mean)
+        lp = out.log_prob if out.log_prob is not None else out.std.new_zeros(0)
+        ctx.mark_non_differentiable(out.std)
+        return out.prev_sample, lp, out.mean, out.std
+
+    @staticmethod
+    def backward(ctx, g_prev, g_lp, g_mean, _g_std):
+        prev, mean = ctx.saved_tensors
+        kw = ctx.kw
+        batch, ndim = mean.shape[0], mean.ndim
+        dmdx, dmdv, step_std = _coef_tensors(kw["kind"], kw["sigma"], kw["sigma_next"],
+                                             kw.get("sigma_guard"), kw["noise_level"], batch, ndim,
+                                             mean.device)
+        gm = torch.zeros_like(mean)
+        if g_mean is not None:
+            gm = gm + g_mean
+        if g_prev is not None and kw.get("prev_sample") is None:
+            gm = gm + g_prev  # sampled: prev = mean + step_std * eps
+        if g_lp is not None and g_lp.numel():
+            n = mean[0].numel()
+            glp = g_lp.reshape(batch, *([1] * (ndim - 1)))
+            scale = 1 / (step_std**2 * n) if kw["kind"] == "sde" else 2.0 / n
+            gm = gm + glp * (prev - mean) * scale
+        gv = gm * dmdv
+        gx = (gm * dmdx).to(ctx.dtypes[0])
+        if ctx.cfg:
+            return gx, (gv * (1 - ctx.scale)).to(ctx.dtypes[1]), (gv * ctx.scale).to(ctx.dtypes[2]), None, None
+        return gx, gv.to(ctx.dtypes[1]), None, None, None
+
+
+def sde_step_differentiable(sample: Tensor, velocity, sigma, sigma_next, **kw) -> StepOutput:
+    """sde_step whose prev_sample / log_prob / mean carry gradients to the sample and velocity
+    (sigma tensors and a given prev_sample are constants). need_mean is ignored (always kept)."""
+    kw.pop("need_mean", None)
+    kw.update(sigma=sigma, sigma_next=sigma_next)
+    kw.setdefault("kind", "sde")
+    if isinstance(velocity, GuidedVelocity):
+        u, c, scale = velocity.uncond, velocity.cond, float(velocity.scale)
+    else:
+        u, c, scale = velocity, None, 0.0
+    prev, lp, mean, std = SdeStepFunction.apply(sample, u, c, scale, kw)
+    return StepOutput(prev, lp if kw["kind"] != "ode" else None, mean, std)

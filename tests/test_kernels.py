@@ -337,17 +337,49 @@ def test_torch_path_is_the_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sde_step_under_autograd_gives_gradients(device):
-    """The fused step is forward-only; with grad enabled ops.sde_step takes the reference."""
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("mode", ["sampled", "given_next"])
+@pytest.mark.parametrize("kind", ["sde", "cps", "ode"])
+def test_sde_step_under_autograd(device, cfg, mode, kind):
+    """With gradients ops.sde_step keeps the kernel's values (bitwise those of a no-grad call)
+    and gives the reference's gradients through prev_sample, log_prob and mean."""
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 3, 5, generator=gen).to(device)
-    v = torch.randn(2, 3, 5, generator=gen).to(device).requires_grad_()
-    y = torch.randn(2, 3, 5, generator=gen).to(device)
-    out = ops.sde_step(x, v, 0.5, 0.3, noise_level=0.7, prev_sample=y)
-    out.log_prob.sum().backward()
-    ref_v = v.detach().clone().requires_grad_()
-    sde.sde_step(x, ref_v, 0.5, 0.3, noise_level=0.7, prev_sample=y).log_prob.sum().backward()
-    torch.testing.assert_close(v.grad, ref_v.grad)
+    shp = (3, 2, 5, 7)
+    x0 = torch.randn(shp, generator=gen).to(device)
+    v0 = _velocity(shp, torch.bfloat16, device, cfg, gen=gen)
+    noise = torch.randn(shp, generator=gen).to(device)
+    y = torch.randn(shp, generator=gen).to(device) if mode == "given_next" else None
+    s = torch.tensor([1.0, 0.6, 0.3], device=device)
+    kw = dict(noise_level=0.7, kind=kind, sigma_guard=0.9, noise=noise, prev_sample=y)
+    weights = [torch.randn(shp, generator=gen).to(device), torch.randn(3, generator=gen).to(device),
+               torch.randn(shp, generator=gen).to(device)]
+    with torch.no_grad():
+        plain = ops.sde_step(x0, v0, s, s - 0.2, **kw)
+
+    def run(fn):
+        x = x0.clone().requires_grad_()
+        parts = [p.detach().clone().requires_grad_() for p in _parts(v0)]
+        v = GuidedVelocity(*parts, 4.5) if cfg else parts[0]
+        out = fn(x, v, s, s - 0.2, **kw)
+        total = (out.prev_sample * weights[0]).sum() + (out.mean * weights[2]).sum()
+        if out.log_prob is not None:
+            total = total + (out.log_prob * weights[1]).sum()
+        total.backward()
+        return out, [x.grad] + [p.grad for p in parts]
+
+    out, grads = run(ops.sde_step)
+    ref, grads_r = run(sde.sde_step)
+    assert torch.equal(out.prev_sample, plain.prev_sample)
+    if kind != "ode":
+        assert torch.equal(out.log_prob, plain.log_prob)
+    for g, gr in zip(grads, grads_r):
+        assert g.dtype == gr.dtype
+        _rmse_close(g, gr, GRAD_RTOL["bf16"] if g.dtype == torch.bfloat16 else 1e-5, atol=1e-9,
+                    what="grad")
+
+
+def _parts(v):
+    return (v.uncond, v.cond) if isinstance(v, GuidedVelocity) else (v,)
 
 
 @pytest.mark.parametrize("device", DEVICES)
