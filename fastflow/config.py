@@ -764,6 +764,14 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(trained >= 1, f"train.timestep_fraction ({train.timestep_fraction}) trains no step: "
                        f"floor({k_name} ({k}) * {train.timestep_fraction}) = 0")
 
+    # cps injects no noise on the last step (std = sigma_next * sin(.) = 0): its KL is undefined.
+    window_reaches_end = (not sample.window_size or sample.window_start == -1
+                          or sample.window_start + sample.window_size == sample.train_steps)
+    need(not (sample.kind == "cps" and train.beta > 0 and trained == k and window_reaches_end),
+         f"train.timestep_fraction ({train.timestep_fraction}) trains the last step, where sample.kind "
+         f"cps has no noise and the KL (train.beta {train.beta}) is undefined: train fewer steps "
+         f"(e.g. train.timestep_fraction 0.99)")
+
     # Batch arithmetic: images of one iteration -> ranks -> sampler calls -> train micro-batches
     # -> optimizer steps. Every split must be exact: a ragged last batch would change the loss
     # scale and (under FSDP) deadlock ranks that disagree on the number of steps.

@@ -106,12 +106,14 @@ def grpo_step_loss(sample: Tensor, prev_sample: Tensor, velocity, sigma, sigma_n
     """
     from fastflow.sde import kl_to_reference, sde_step
 
+    if beta > 0 and velocity_ref is None:
+        raise ValueError("grpo_step_loss: beta > 0 needs velocity_ref (the reference model's velocity)")
     out = sde_step(sample, velocity, sigma, sigma_next, noise_level=noise_level, kind=kind,
                    prev_sample=prev_sample, sigma_guard=sigma_guard)
     if out.log_prob is None:
         raise ValueError("grpo_step_loss: kind 'ode' has no log-prob; only SDE steps are trained")
     loss, stats = clipped_policy_loss(out.log_prob, old_log_prob, advantages, clip_range=clip_range)
-    if velocity_ref is not None and beta > 0:
+    if beta > 0:
         with torch.no_grad():
             ref = sde_step(sample, velocity_ref, sigma, sigma_next, noise_level=noise_level,
                            kind=kind, prev_sample=prev_sample, sigma_guard=sigma_guard)

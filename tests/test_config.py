@@ -558,3 +558,14 @@ def test_shipped_configs_load_and_validate(path, tmp_path, monkeypatch):
         else:
             raise
     assert d.images_per_iter == cfg.sample.prompts_per_iter * cfg.sample.group_size
+
+
+def test_cps_with_kl_must_not_train_the_noiseless_last_step():
+    msg = check(["--sample.kind", "cps", "--train.timestep_fraction", "1.0"])
+    assert msg.startswith("config: train.timestep_fraction (1.0) trains the last step, where sample.kind cps")
+    ok = lambda o: validate(load_config(None, o), 1)  # noqa: E731
+    ok(["--sample.kind", "cps", "--train.timestep_fraction", "1.0", "--train.beta", "0"])
+    ok(["--sample.kind", "cps"])  # 0.99: 9 of 10 steps
+    # a fixed window that stops short of the end may train all its steps
+    ok(["--sample.kind", "cps", "--train.timestep_fraction", "1.0", "--sample.window_size", "3",
+        "--sample.window_start", "2"])

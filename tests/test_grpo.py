@@ -270,3 +270,10 @@ def test_grpo_step_loss_rejects_the_ode_kind():
     with pytest.raises(ValueError, match="ode"):
         grpo_step_loss(x, x, v, sig, sig_next, adv, adv, noise_level=0.7, clip_range=0.2,
                        kind="ode", sigma_guard=guard)
+
+
+def test_grpo_step_loss_with_kl_needs_the_reference_velocity():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="velocity_ref"):
+        grpo_step_loss(x, x, torch.randn_like(x), 0.5, 0.4, torch.zeros(2), torch.ones(2), noise_level=0.7,
+                       clip_range=1e-4, beta=0.04)
