@@ -1,0 +1,207 @@
+"""One Flow-GRPO training step on SD3.5-Medium's and FLUX.1-dev's transformers (real configs,
+random weights): LoRA (peft, the paper's targets and rank) and full fine-tuning, with the fused
+kernels (FASTFLOW_KERNELS=triton) against the PyTorch reference ops (FASTFLOW_KERNELS=torch).
+
+    python bench/train_step.py                             # both models, lora + full, both kernels
+    python bench/train_step.py --models sd3.5-medium --finetune lora --batch-size 8 --grad-ckpt
+    python bench/train_step.py --device cpu                # tiny configs: proves it runs
+
+A step is what fastflow.train does per optimizer step with gradient accumulation 1: for each
+trained timestep of the rollout batch (floor(T * 0.99): 9 of 10 for SD3.5, 5 of 6 for FLUX) the
+policy velocity (with CFG for SD3.5), the reference velocity under no_grad (KL on, beta 0.04),
+fastflow.ops.grpo_step_loss and its backward; then gradient clipping at 1.0 and AdamW. The
+rollout that feeds it is sampled once, untimed.
+
+Printed per (model, finetune, kernels): seconds per step, MFU against the measured bf16 matmul rate
+(FLOPs: bench/models.py train_step_flops), peak GPU memory. Rows are appended to
+<out>/train_step-<device>.jsonl with the machine header. Out-of-memory becomes a row with an error
+(full fine-tuning of FLUX's 12B weights does not fit one 80 GB GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from models import (ARCHS, TINY, bench_policy, build_transformer, measured_matmul_tflops,  # noqa: E402
+                    peak_memory_gib, random_cond, reset_peak_memory, train_step_flops)
+
+from fastflow import ops  # noqa: E402
+from fastflow.rollout import recompute_step, sample  # noqa: E402
+
+TIMESTEP_FRACTION = 0.99
+BETA = 0.04
+CLIP_RANGE = 1e-4
+
+
+@contextlib.contextmanager
+def kernels_env(choice: str):
+    """FASTFLOW_KERNELS=choice within the block (fastflow.ops reads it at every call)."""
+    prev = os.environ.get("FASTFLOW_KERNELS")
+    os.environ["FASTFLOW_KERNELS"] = choice
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop("FASTFLOW_KERNELS", None)
+        else:
+            os.environ["FASTFLOW_KERNELS"] = prev
+
+
+def make_step(policy, arch, traj, advantages, optimizer, params, *, trained: int, autocast):
+    """The closure timing one optimizer step; returns the last loss."""
+
+    def step():
+        loss = None
+        for j in range(trained):
+            with autocast():
+                v = recompute_step(policy, traj, j, guidance_scale=arch.guidance)
+                with torch.no_grad():
+                    v_ref = recompute_step(policy, traj, j, guidance_scale=arch.guidance, reference=True)
+            loss, _ = ops.grpo_step_loss(
+                traj.latents[:, j], traj.next_latents[:, j], v, traj.sigmas[j], traj.sigmas_next[j],
+                traj.log_probs[:, j], advantages, noise_level=arch.noise_level,
+                clip_range=CLIP_RANGE, beta=BETA, velocity_ref=v_ref, sigma_guard=traj.sigma_guard)
+            (loss / trained).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def run_case(arch, finetune, args, device, dtype, peak_tflops):
+    """Both kernel paths for one (architecture, finetune); returns the rows."""
+    rows = []
+    base = dict(model=arch.name, finetune=finetune, batch=args.batch_size, dtype=str(dtype),
+                tiny=args.tiny, grad_ckpt=args.grad_ckpt, cfg=arch.cfg, beta=BETA,
+                matmul_tflops=peak_tflops)
+    policy = None
+    try:
+        transformer = build_transformer(arch, device, dtype)
+        if args.grad_ckpt:
+            transformer.enable_gradient_checkpointing()
+        policy = bench_policy(arch, transformer, device=device, dtype=dtype, finetune=finetune)
+        params = list(policy.named_trainable_parameters().values())
+        steps = arch.steps
+        trained = max(1, math.floor(steps * TIMESTEP_FRACTION))
+        if dtype == torch.float32:
+            autocast = contextlib.nullcontext
+        else:
+            autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
+        cond = random_cond(arch, args.batch_size, device, dtype)
+        with autocast():
+            traj = sample(policy, cond, num_steps=steps, guidance_scale=arch.guidance,
+                          noise_level=arch.noise_level, seeds=torch.arange(args.batch_size),
+                          device=device)
+        advantages = torch.randn(args.batch_size, device=device).clamp(-5, 5)
+        lr = 3e-4 if finetune == "lora" else 1e-5
+        fused = {"fused": True} if device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8,
+                                      **fused)
+        step = make_step(policy, arch, traj, advantages, optimizer, params, trained=trained,
+                         autocast=autocast)
+        flops = train_step_flops(arch, args.batch_size, trained, finetune, kl=True)
+    except torch.cuda.OutOfMemoryError:
+        print(f"{arch.name:14s} {finetune:5s} out of memory while building")
+        return [dict(base, kernels=k, error="out of memory") for k in args.kernels]
+
+    for choice in args.kernels:
+        row = dict(base, kernels=choice, trained_steps=trained, flops_per_step=flops)
+        try:
+            with kernels_env(choice):
+                for _ in range(args.warmup):
+                    step()
+                common.sync(device)
+                reset_peak_memory(device)
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    loss = step()
+                    common.sync(device)
+                    times.append(time.perf_counter() - t0)
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            row["error"] = "out of memory"
+            rows.append(row)
+            print(f"{arch.name:14s} {finetune:5s} {choice:6s} out of memory")
+            continue
+        sec = sorted(times)[len(times) // 2]
+        row.update(seconds_per_step=sec, mfu=flops / sec / (peak_tflops * 1e12),
+                   peak_mem_gib=peak_memory_gib(device), loss_finite=bool(torch.isfinite(loss)))
+        rows.append(row)
+        mem = f"{row['peak_mem_gib']:.1f} GiB" if row["peak_mem_gib"] is not None else "-"
+        print(f"{arch.name:14s} {finetune:5s} {choice:6s} {sec * 1e3:9.1f} ms/step  "
+              f"MFU {100 * row['mfu']:5.1f}%  peak {mem}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="sd3.5-medium,flux.1-dev",
+                    help="comma list of sd3.5-medium, flux.1-dev")
+    ap.add_argument("--finetune", default="lora,full", help="comma list of lora, full")
+    ap.add_argument("--kernels", default=None, help="comma list of triton, torch "
+                    "(default both on CUDA; torch on a CPU, where triton would be the interpreter)")
+    ap.add_argument("--batch-size", type=int, default=0, help="rollout samples per step (default 8; tiny 2)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the transformer")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (forced on a CPU)")
+    ap.add_argument("--repeats", type=int, default=0, help="timed steps (default 3; tiny 1)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--out", default=None, help="results directory (default bench/results)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    args.tiny = args.tiny or device.type != "cuda"
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in names:
+        if m not in TINY:
+            ap.error(f"--models: unknown model {m!r}; known: {', '.join(TINY)}")
+    finetunes = [f.strip() for f in args.finetune.split(",") if f.strip()]
+    for f in finetunes:
+        if f not in ("lora", "full"):
+            ap.error(f"--finetune: unknown mode {f!r}; known: lora, full")
+    default_kernels = "triton,torch" if device.type == "cuda" else "torch"
+    args.kernels = [k.strip() for k in (args.kernels or default_kernels).split(",") if k.strip()]
+    for k in args.kernels:
+        if k not in ("triton", "torch"):
+            ap.error(f"--kernels: unknown path {k!r}; known: triton, torch")
+    args.batch_size = args.batch_size or (2 if args.tiny else 8)
+    args.repeats = args.repeats or (1 if args.tiny else 3)
+    if args.out:
+        common.RESULTS = Path(args.out)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    info = common.header(device)
+    if device.type != "cuda":
+        print("# CPU run with tiny configs: it proves the script works; the numbers mean nothing.")
+    peak = measured_matmul_tflops(device)
+    print(f"# measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate: {peak:.1f} TFLOP/s")
+    rows = []
+    for name in names:
+        arch = ARCHS[TINY[name]] if args.tiny else ARCHS[name]
+        for finetune in finetunes:
+            rows += run_case(arch, finetune, args, device, dtype, peak)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    path = common.write_rows("train_step", rows, info)
+    print(f"# {len(rows)} rows -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
