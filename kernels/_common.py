@@ -22,7 +22,7 @@ from torch import Tensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 KIND_IDS = {"sde": 0, "cps": 1, "ode": 2}
-LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+LOG_SQRT_2PI = tl.constexpr(math.log(math.sqrt(2 * math.pi)))
 #: Warps of every kernel that reduces; fixed because tl.sum's order follows the thread layout.
 NUM_WARPS = 4
 
@@ -166,7 +166,7 @@ def finalize_kernel(part_lp_ptr, part_kl_ptr, lp_ptr, kl_ptr, std_ptr,
         acc += tl.load(part_lp_ptr + b * C + start + offs, mask=m, other=0.0)
     sq = tl.sum(acc, axis=0) / n
     if KIND == 0:
-        lp = -sq / (2.0 * step_std * step_std) - tl.log(step_std) - 0.9189385332046727
+        lp = -sq / (2.0 * step_std * step_std) - tl.log(step_std) - LOG_SQRT_2PI
     else:
         lp = -sq
     tl.store(lp_ptr + b, lp)

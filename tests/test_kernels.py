@@ -225,6 +225,9 @@ def _run_loss(fn, x, y, v, s, s_next, old, adv, kw):
     return loss, stats, [leaf.grad for leaf in leaves]
 
 
+# cps with KL at sigma_next == 0 divides by std_t == 0 (inf in the reference too): no warnings.
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kl", [True, False], ids=["kl", "nokl"])
 @pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
