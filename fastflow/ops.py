@@ -111,6 +111,8 @@ def kl_to_reference(mean, mean_ref, std):
 def grpo_step_loss(sample, prev_sample, velocity, sigma, sigma_next, old_log_prob, advantages, **kw):
     """fastflow.grpo.grpo_step_loss (same arguments, loss and stats), fused on the Triton path:
     one pass over the latents forward, one backward; gradients reach the velocity tensors only."""
+    if kw.get("beta", 0.0) > 0 and kw.get("velocity_ref") is None:  # both paths: never drop the KL silently
+        raise ValueError("grpo_step_loss: beta > 0 needs velocity_ref (the reference model's velocity)")
     if _use_triton(sample, velocity, kw.get("velocity_ref")):
         return _kernels(sample.device).grpo_step_loss(sample, prev_sample, velocity, sigma,
                                                       sigma_next, old_log_prob, advantages, **kw)

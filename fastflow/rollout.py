@@ -224,7 +224,7 @@ def sample(
         step_kind = kind if (record and i in window) else "ode"
         noise = noise_source.draw(x.shape) if step_kind != "ode" else None
         out = ops.sde_step(x, v, s, s_next, noise_level=noise_level, kind=step_kind, noise=noise,
-                           sigma_guard=guard)
+                           sigma_guard=guard, need_mean=False)  # fused path: skip writing the mean
         if step_kind != "ode":
             xs.append(x)
             xs_next.append(out.prev_sample)
