@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _BENCH_DIR)
 
 import torch  # noqa: E402
 
@@ -42,6 +43,10 @@ from models import (ARCHS, TINY, GpuMonitor, bench_policy, build_transformer,  #
                     rollout_flops)
 
 from fastflow.graphs import GraphedSampler  # noqa: E402
+
+# bench/ leaves sys.path once common and models are imported: its kernels.py would otherwise
+# shadow the ``kernels`` package that diffusers and bitsandbytes probe for.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH_DIR]
 
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 

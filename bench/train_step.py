@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _BENCH_DIR)
 
 import torch  # noqa: E402
 
@@ -38,6 +39,10 @@ from models import (ARCHS, TINY, bench_policy, build_transformer, measured_matmu
 
 from fastflow import ops  # noqa: E402
 from fastflow.rollout import recompute_step, sample  # noqa: E402
+
+# bench/ leaves sys.path once common and models are imported: its kernels.py would otherwise
+# shadow the ``kernels`` package that diffusers and bitsandbytes probe for.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH_DIR]
 
 TIMESTEP_FRACTION = 0.99
 BETA = 0.04
