@@ -117,6 +117,11 @@ class SampleConfig:
                               "this many steps is SDE and trained, the others are ODE.")
     window_start: int = opt(-1, "First step of the window, in [0, train_steps - window_size]; -1 = random "
                                 "per iteration.")
+    cuda_graph: bool = opt(True, "On CUDA, capture the rollout once per shape in a CUDA graph and replay it "
+                                 "(fastflow.graphs); elsewhere, or when capture fails, the eager sampler "
+                                 "runs and the reason is logged once.")
+    cuda_graph_mode: str = opt("graph", "graph (explicit torch.cuda.CUDAGraph) or compile "
+                                        "(torch.compile mode reduce-overhead).", choices=("graph", "compile"))
 
 
 @dataclass
