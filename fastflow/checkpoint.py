@@ -144,7 +144,8 @@ def optimizer_state_by_name(optimizer, params: dict[str, torch.Tensor]) -> dict[
     for n, p in params.items():
         st = _inner(optimizer).state.get(_state_key(optimizer, p), {})
         if not st:
-            m = v = torch.zeros_like(p, dtype=torch.float32)
+            # two tensors: DCP loads into them in place
+            m, v = torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32)
             step = 0.0
         elif _is_bnb(optimizer):
             step = float(st["step"])

@@ -214,6 +214,9 @@ class LocalShardOptimizer:
     def step(self) -> None:
         for p, q in zip(self.params, self.locals):
             if q is not p:
+                # re-point the alias at the current shard: loading a checkpoint (DCP) or FSDP may
+                # have given the DTensor new local storage since the last step
+                q.data = p.detach().to_local()
                 q.grad = None if p.grad is None else local(p.grad)
         self.inner.step()
 
@@ -243,8 +246,12 @@ def build_optimizer(params: list[Tensor], *, name: str, lr: float, betas: tuple[
             import bitsandbytes as bnb
         except ImportError:
             raise ImportError("train.optimizer='adamw8bit' needs bitsandbytes: pip install 'fastflow[bnb]'") from None
-        if any(is_dtensor(p) for p in params):
-            return LocalShardOptimizer(params, lambda ps: bnb.optim.AdamW8bit(ps, **kw))
+        shards = [p for p in params if is_dtensor(p)]
+        if shards:
+            # bitsandbytes keeps fp32 state for tensors under 4096 elements; it only sees shards
+            # here, so scale the threshold to keep 8-bit state for the same (whole) tensors.
+            n = shards[0].device_mesh.size()
+            return LocalShardOptimizer(params, lambda ps: bnb.optim.AdamW8bit(ps, min_8bit_size=max(1, 4096 // n), **kw))
         return bnb.optim.AdamW8bit(params, **kw)
     if name != "adamw":
         raise ValueError(f"train.optimizer: unknown optimizer {name!r}; known: adamw, adamw8bit")

@@ -1,0 +1,59 @@
+"""Launched by tests/test_distributed.py under torchrun (gloo, loopback): one rank of a toy run.
+
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/dist_worker.py MODE OUT [--section.key V ...]
+
+MODE train:   a full training run (like ``python -m fastflow.train``, ``--resume`` accepted), then
+              every rank writes its full trainable and EMA weights to OUT/rank{R}.safetensors.
+MODE rollout: one rollout + advantages of iteration 0; every rank writes its initial noise,
+              group ids, rewards, advantages and the gathered rewards/groups to OUT/rank{R}.safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fastflow import parallel
+from fastflow.config import parse_cli, validate
+from fastflow.distributed import all_gather_cat, init_distributed, shutdown, world_size_from_env
+from fastflow.train import Trainer
+
+
+def main() -> int:
+    mode, out, *argv = sys.argv[1:]
+    out = Path(out)
+    args = parse_cli(argv)
+    derived = validate(args.config, world_size_from_env())
+    info = init_distributed(args.config.run.device)
+    try:
+        t = Trainer(args.config, derived, info, resume=args.resume)
+        if mode == "train":
+            t.run()
+            # full_tensor() is collective: every rank gathers every parameter
+            tensors = {f"w.{n}": parallel.full(p.detach()).clone() for n, p in t.params.items()}
+            if t.ema is not None:
+                tensors.update({f"ema.{n}": parallel.full(v).clone() for n, v in t.ema.shadow.items()})
+            tensors["iteration"] = torch.tensor(t.iteration)
+        elif mode == "rollout":
+            rb = t.rollout(0)
+            adv, _ = t.advantages(rb)
+            tensors = {"noise": rb.traj.latents[:, 0].contiguous(), "groups": rb.group_ids.contiguous(),
+                       "rewards": rb.rewards.contiguous(), "adv": adv.contiguous(),
+                       "all_rewards": all_gather_cat(rb.rewards, info), "all_groups": all_gather_cat(rb.group_ids, info)}
+        else:
+            raise SystemExit(f"dist_worker: unknown mode {mode!r}; known: train, rollout")
+        tensors["strategy_fsdp"] = torch.tensor(int(t.strategy == "fsdp"))
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / f"rank{info.rank}.safetensors"))
+    finally:
+        shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
