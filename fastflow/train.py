@@ -18,6 +18,7 @@ ranks or its batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -25,7 +26,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,12 @@ from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, bro
                                   init_distributed, shutdown, world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
+from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, plot_curves
 from fastflow.models import build_policy
 from fastflow.rewards import WeightedReward
+from fastflow.rewards.async_pool import AsyncReward
 from fastflow.rollout import Trajectory, recompute_step, sample, sde_window
 
 log = logging.getLogger("fastflow.train")
@@ -102,11 +104,16 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, list(self.params.values()))
         self.ema = EMA(self.params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema else None
         self.reward = WeightedReward(cfg.reward.weights, "cpu", cfg.reward.options)
+        self.reward_pool = AsyncReward(self.reward)  # scores batch k while batch k+1 samples
         self.train_prompts = load_prompt_split(cfg, self.policy, "train")
         self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
         if cfg.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
         self.autocast = make_autocast(cfg.model.dtype, self.device)
+        # CUDA: the rollout is captured once per shape and replayed; elsewhere (or when capture
+        # fails) GraphedSampler runs the eager sampler and logs why, once.
+        self._sample = (GraphedSampler(self.policy, mode=cfg.sample.cuda_graph_mode)
+                        if cfg.sample.cuda_graph else functools.partial(sample, self.policy))
         self.iteration = 0
         self.optimizer_steps = 0
         if resume is not None:
@@ -229,25 +236,21 @@ class Trainer:
             window = sde_window(s.train_steps, s.window_size, start)
 
         trajs, futures, prompts_all = [], [], []
-        pool = ThreadPoolExecutor(max_workers=1)
-        try:
-            with self._gathered():  # FSDP: one all-gather per block per rollout
-                for batch in mine.split(s.batch_size):
-                    prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
-                    texts = [p.text for p in prompts]
-                    cond = self.policy.encode_prompts(texts)
-                    seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
-                    traj = sample(self.policy, cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
-                                  noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
-                                  prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
-                    images = self.policy.decode(traj.final).float().cpu()
-                    # score this batch while the next one samples
-                    futures.append(pool.submit(self.reward, images, texts, [p.metadata for p in prompts]))
-                    trajs.append(traj)
-                    prompts_all += prompts
-            results = [f.result() for f in futures]
-        finally:
-            pool.shutdown(wait=True)
+        with self._gathered():  # FSDP: one all-gather per block per rollout
+            for batch in mine.split(s.batch_size):
+                prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
+                texts = [p.text for p in prompts]
+                cond = self.policy.encode_prompts(texts)
+                seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
+                traj = self._sample(cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
+                              noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
+                              prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
+                images = self.policy.decode(traj.final).float().cpu()
+                # score this batch while the next one samples
+                futures.append(self.reward_pool.submit(images, texts, [p.metadata for p in prompts]))
+                trajs.append(traj)
+                prompts_all += prompts
+        results = [f.result() for f in futures]
         rewards = torch.cat([r[0] for r in results])
         parts = {k: torch.cat([r[1][k] for r in results]) for k in results[0][1]}
         return RolloutBatch(Trajectory.cat(trajs), rewards, parts, group_of[mine], prompts_all)
@@ -353,7 +356,7 @@ class Trainer:
                 metas = [p.metadata for p in prompts]
                 cond = self.policy.encode_prompts(texts)
                 seeds = torch.tensor([derive_seed(cfg.run.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
-                traj = sample(self.policy, cond, num_steps=cfg.sample.eval_steps,
+                traj = self._sample(cond, num_steps=cfg.sample.eval_steps,
                               guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
                               kind="ode", seeds=seeds, autocast=self.autocast, device=self.device)
                 images = self.policy.decode(traj.final).float().cpu()
@@ -443,6 +446,7 @@ class Trainer:
                 if hasattr(self.policy, "export"):
                     with (self.ema.applied() if self.ema else contextlib.nullcontext()):
                         self.policy.export(self.run_dir / "final")
+        self.reward_pool.close()
         self.logger.close()
         return final
 
