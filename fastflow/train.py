@@ -146,7 +146,8 @@ class Trainer:
         roots: list[torch.nn.Module] = []
         if strategy == "fsdp":
             dtype = getattr(torch, self.cfg.model.dtype)
-            nets = [mods] + ([self.policy.reference_modules()] if hasattr(self.policy, "reference_modules") else [])
+            ref = getattr(self.policy, "reference_modules", lambda: None)()  # None: no frozen copy
+            nets = [mods] + ([ref] if ref is not None else [])
             for root, blocks in nets:  # the frozen reference too: no second full copy per rank
                 parallel.apply_fsdp(root, list(blocks), param_dtype=dtype, cpu_offload=dc.cpu_offload,
                                     reshard_after_forward=dc.reshard_after_forward)

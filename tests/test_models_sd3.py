@@ -267,3 +267,15 @@ def test_paper_configs_load_and_split_over_any_gpu_count(name, tmp_path):
     assert validate(cfg, 32).optimizer_steps_per_iter == 2
     for world in (1, 2, 4, 8, 16):
         assert validate(cfg, world).images_per_rank * world == 48 * 24
+
+
+def test_parallel_hooks_expose_the_blocks_for_fsdp(sd3_path):
+    from fastflow.parallel import policy_modules
+
+    lora = build_policy(tiny_cfg("sd3", sd3_path), "cpu")
+    root, blocks = policy_modules(lora)
+    assert root is lora.transformer and blocks == list(lora.transformer.transformer_blocks) and blocks
+    assert lora.reference_modules() is None  # LoRA: the reference is the adapter-disabled network
+    full = build_policy(tiny_cfg("sd3", sd3_path, finetune="full"), "cpu")
+    ref_root, ref_blocks = full.reference_modules()
+    assert ref_root is full.tuning.ref_transformer and len(ref_blocks) == len(blocks)

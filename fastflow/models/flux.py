@@ -159,6 +159,17 @@ class FluxPolicy:
         """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
         return self.tuning.reference()
 
+    def parallel_modules(self):
+        """The transformer and its blocks, for FSDP2 sharding (fastflow.parallel)."""
+        t = self.transformer
+        return t, list(t.transformer_blocks) + list(t.single_transformer_blocks)
+
+    def reference_modules(self):
+        """The frozen reference copy (full fine-tuning), sharded like the transformer; None for
+        LoRA, whose reference is the same sharded network with the adapter disabled."""
+        t = self.tuning.ref_transformer
+        return None if t is None else (t, list(t.transformer_blocks) + list(t.single_transformer_blocks))
+
     def export(self, directory):
         """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
         ``FluxPipeline.load_lora_weights(directory)``, or for full fine-tuning the whole
