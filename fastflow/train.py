@@ -444,9 +444,13 @@ class Trainer:
                 print(format_eval_table(getattr(self, "first_eval", {}), final))
                 print(f"fastflow: run directory {self.run_dir} (wall time "
                       f"{(time.perf_counter() - t_start) / 60:.1f} min)")
-                if hasattr(self.policy, "export"):
+                if hasattr(self.policy, "export") and self.strategy == "fsdp":
+                    # Exporting needs the full weights on one rank; not done for sharded runs yet.
+                    print(f"fastflow: sharded (FSDP) run: the final weights are in the checkpoint "
+                          f"{latest_checkpoint(self.run_dir)}; native export runs on unsharded runs only")
+                elif hasattr(self.policy, "export"):
                     with (self.ema.applied() if self.ema else contextlib.nullcontext()):
-                        self.policy.export(self.run_dir / "final")
+                        print(f"fastflow: exported to {self.policy.export(self.run_dir / 'final')}")
         self.reward_pool.close()
         self.logger.close()
         return final
