@@ -38,7 +38,7 @@ class ModelConfig:
     max_tokens: int = 8
     text_dim: int = 64
     text_layers: int = 2
-    channels: tuple[int, int, int] = (32, 64, 96)
+    channels: tuple[int, int, int] = (24, 48, 96)
     emb_dim: int = 128
     heads: int = 4
 
