@@ -5,7 +5,8 @@
 
 writes DIR/images/*.png (the raw 32 x 32 samples, lossless), DIR/samples.jsonl (prompt, file, seed,
 category, correct, partial), DIR/summary.json and DIR/grid.png (a per-category grid), and prints
-per-category and overall strict accuracy. Without --checkpoint it evaluates the model of CONFIG's
+per-category and overall strict accuracy. ``--baseline base`` (or a model file) also evaluates that
+model on the same prompts and seeds and writes DIR/compare.png (before | after, image by image). Without --checkpoint it evaluates the model of CONFIG's
 [model] (for the shapes task: the shipped base model).
 
 The core, :func:`evaluate_policy`, samples with the ODE at the full step count
@@ -253,34 +254,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=0.0, help="CFG scale (default: the config's eval scale)")
     ap.add_argument("--batch", type=int, default=0, help="images per forward (default: eval.batch_size)")
     ap.add_argument("--device", default="", help="cpu | cuda (default: run.device)")
+    ap.add_argument("--baseline", default="", help="also evaluate this model (a model file / export folder, or "
+                    "'base' for the config's model) on the same prompts and seeds; writes DIR/compare.png")
     ap.add_argument("--out", required=True, help="output directory")
     return ap.parse_args(argv)
+
+
+def _policy_for(config: str | None, ck: Path | None, device):
+    """The config's policy, with ``ck`` applied: a model file / export folder replaces the weights
+    (model.path), a trainer checkpoint folder or run directory is loaded on top."""
+    from fastflow.config import load_config
+    from fastflow.models import build_policy
+
+    if ck is not None and not ck.exists():
+        raise SystemExit(f"--checkpoint not found: {ck}")
+    is_model_file = ck is not None and (ck.suffix == ".safetensors" or (ck / "model.safetensors").is_file())
+    cfg = load_config(config, ["--model.path", str(ck)] if is_model_file else [])
+    policy = build_policy(cfg, device)
+    if ck is not None and not is_model_file:
+        load_checkpoint_into(policy, ck)
+    return policy
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from fastflow.config import load_config
     from fastflow.data import load_prompts
-    from fastflow.models import build_policy
 
     ck = Path(args.checkpoint) if args.checkpoint else None
-    overrides: list[str] = []
-    # A model file or an export folder replaces the weights; a trainer checkpoint is loaded on top.
-    is_model_file = ck is not None and (ck.suffix == ".safetensors" or (ck / "model.safetensors").is_file())
-    if is_model_file:
-        if not ck.exists():
-            raise SystemExit(f"--checkpoint not found: {ck}")
-        overrides += ["--model.path", str(ck)]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config)
     device_name = args.device or cfg.run.device
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device_name)
-    policy = build_policy(cfg, device)
-    if ck is not None and not is_model_file:
-        if not ck.exists():
-            raise SystemExit(f"--checkpoint not found: {ck}")
-        load_checkpoint_into(policy, ck)
+    policy = _policy_for(args.config, ck, device)
+    baseline = None
+    if args.baseline:
+        baseline = _policy_for(args.config, None if args.baseline == "base" else Path(args.baseline), device)
     if args.prompts:
         texts = [p.text for p in load_prompts(args.prompts)]
     elif cfg.data.eval_prompts:
@@ -294,11 +304,17 @@ def main(argv=None) -> int:
     guidance = args.guidance or cfg.eval.guidance_scale or cfg.sample.guidance_scale
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.model.dtype))
                 if cfg.model.dtype != "float32" else contextlib.nullcontext())
-    res = evaluate_policy(policy, texts, seeds, steps, guidance, batch_size=args.batch or cfg.eval.batch_size,
-                          autocast=autocast, device=device, keep_images=True)
+    kw = dict(batch_size=args.batch or cfg.eval.batch_size, autocast=autocast, device=device, keep_images=True)
+    res = evaluate_policy(policy, texts, seeds, steps, guidance, **kw)
     write_results(res, args.out)
     category_grid([res], Path(args.out) / "grid.png")
     print(f"{len(texts)} prompts x {seeds} seeds, {steps} ODE steps, guidance {guidance}")
+    if baseline is not None:
+        base_res = evaluate_policy(baseline, texts, seeds, steps, guidance, **kw)
+        category_grid([base_res, res], Path(args.out) / "compare.png", labels=["baseline", "evaluated"])
+        print("baseline:")
+        print(base_res.table())
+        print("evaluated:")
     print(res.table())
     print(f"wrote {args.out}/samples.jsonl, {args.out}/images/, {args.out}/grid.png")
     return 0

@@ -196,14 +196,15 @@ def test_evaluate_cli_writes_images_and_jsonl(tiny_weights, tmp_path, capsys):
     prompts.write_text("a red circle\ntwo squares\na circle left of a square\n")
     out = tmp_path / "ev"
     rc = evaluate.main([ "--checkpoint", str(tiny_weights), "--prompts", str(prompts), "--seeds", "2",
-                        "--steps", "2", "--out", str(out)])
+                        "--steps", "2", "--out", str(out), "--baseline", str(tiny_weights)])
     assert rc == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {r["category"] for r in rows} == {"colors", "counting", "position"}
     assert all((out / r["file"]).is_file() for r in rows) and (out / "grid.png").is_file()
+    assert (out / "compare.png").is_file()
     assert set(rows[0]) >= {"prompt", "file", "seed", "category", "correct"}
     text = capsys.readouterr().out
-    assert "overall" in text and "position" in text
+    assert "overall" in text and "position" in text and "baseline:" in text
 
 
 def test_shipped_base_model_loads_and_is_small():
