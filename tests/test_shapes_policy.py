@@ -179,7 +179,7 @@ def test_evaluate_policy_scores_an_oracle_exactly(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == len(good.records) and all(r["correct"] for r in rows)
     with Image.open(tmp_path / "out" / rows[0]["file"]) as im:   # raw, lossless
-        arr = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+        arr = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
     assert arr.shape == (3, 32, 32)
     torch.testing.assert_close(arr, good.records[0].image, atol=1 / 255, rtol=0)
 
