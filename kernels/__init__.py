@@ -9,6 +9,14 @@ Triton's interpreter (the parity tests do); ``INTERPRETED`` records which mode t
 Use them through fastflow.ops, which picks them or the PyTorch reference.
 """
 
-from ._common import INTERPRETED, geometry  # noqa: F401
-from .grpo_loss import grpo_step_loss  # noqa: F401
-from .sde_step import sde_step, sde_step_differentiable  # noqa: F401
+if __name__ == "kernels":
+    # Imported under the bare name through the repository root on sys.path (`python -m ...` from a
+    # checkout) by a library probing for the unrelated PyPI package `kernels` (transformers,
+    # bitsandbytes, diffusers). Look like an empty namespace package, which those probes treat as
+    # "not installed", and import nothing: our kernels load only as fastflow.kernels.
+    __file__ = None
+    __path__ = []
+else:
+    from ._common import INTERPRETED, geometry  # noqa: F401
+    from .grpo_loss import grpo_step_loss  # noqa: F401
+    from .sde_step import sde_step, sde_step_differentiable  # noqa: F401

@@ -61,3 +61,21 @@ def test_wheel_ships_kernels_inside_fastflow(tmp_path):
     assert "fastflow/kernels/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert "fastflow/sde.py" in names
+
+
+def test_bare_kernels_name_is_an_empty_namespace_from_the_repo_root():
+    # what the probes of transformers / bitsandbytes see when run from a checkout
+    r = _run_from_root("import kernels, sys\n"
+                       "print(kernels.__file__, hasattr(kernels, 'sde_step'), 'triton' in sys.modules)\n"
+                       "from transformers.utils.import_utils import is_kernels_available\n"
+                       "print(is_kernels_available())\n"
+                       "import fastflow.kernels as k; print(k.sde_step.__module__)")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["None", "False", "False", "False", "fastflow.kernels.sde_step"]
+
+
+def test_bitsandbytes_does_not_load_the_repository_kernels():
+    r = _run_from_root("import bitsandbytes, sys; print(any(m.startswith('kernels.') for m in sys.modules))")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.strip() == "False"
+    assert "/kernels" not in r.stderr  # no warning pointing into our folder
