@@ -164,6 +164,35 @@ def test_noise_is_distinct_per_sample_and_groups_span_ranks(tmp_path):
         torch.testing.assert_close(rb.rewards[match[0]], rewards[i], atol=1e-5, rtol=0)
 
 
+def kill_run(proc: subprocess.Popen, marker: str) -> None:
+    """SIGKILL torchrun *and* its workers. torchrun starts each worker in a session of its own, so
+    killing torchrun's process group leaves the ranks running (they would go on checkpointing
+    under the resumed run): kill every process whose command line carries the run's marker."""
+    def pids():
+        out = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                        out.append(int(d.name))
+                except OSError:
+                    pass
+        return out
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pids(), "workers of the killed run survived"
+
+
 def test_sigkill_mid_run_loses_only_the_inflight_iteration(tmp_path):
     iters = "24"
     args = toy_args(tmp_path / "dist", "--run.iterations", iters, "--checkpoint.every", "1",
@@ -180,11 +209,9 @@ def test_sigkill_mid_run_loses_only_the_inflight_iteration(tmp_path):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, wherever they are
+        kill_run(proc, str(tmp_path / "killed"))  # torchrun and both ranks, wherever they are
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_run(proc, str(tmp_path / "killed"))
     assert seen is not None
     last = latest_checkpoint(run_dir)
     assert int(seen.name.split("-")[1]) <= int(last.name.split("-")[1]) < int(iters)  # killed mid-run
