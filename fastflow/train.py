@@ -401,7 +401,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.run.iterations, initial=self.iteration, desc="flow-grpo", unit="it",
                        dynamic_ncols=True)
-        while self.iteration < cfg.run.iterations and not self.stop_requested:
+        while self.iteration < cfg.run.iterations and not self._agreed_stop():
             it = self.iteration
             torch.manual_seed(derive_seed(cfg.run.seed, it, _GLOBAL))
             t0 = time.perf_counter()
@@ -454,6 +454,16 @@ class Trainer:
         self.reward_pool.close()
         self.logger.close()
         return final
+
+    def _agreed_stop(self) -> bool:
+        """Stop when any rank was asked to (ranks may see a signal at different iterations; all must
+        leave the loop together or the next collective would hang)."""
+        if not self.info.enabled:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)])
+        all_reduce_sum_(flag, self.info)
+        self.stop_requested = bool(flag.item() > 0)
+        return self.stop_requested
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
