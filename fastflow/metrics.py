@@ -93,7 +93,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
         ax.plot(*zip(*train), label="train reward (mean)", color="tab:blue", alpha=0.7)
     for k in eval_keys:
         pts = [(r["iteration"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        if pts and ("overall" in k or k.endswith("reward")):
+        if pts and ("overall" in k or "category_mean" in k or k.endswith("reward")):
             ax.plot(*zip(*pts), marker="o", label=k)
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward / accuracy")

@@ -382,6 +382,10 @@ class Trainer:
             for ki, k in enumerate(keys):
                 if sums[row, ki, 1] > 0:
                     out[f"eval/{cat}/{k}"] = float(sums[row, ki, 0] / sums[row, ki, 1])
+        if len(all_cats) > 1:  # GenEval's headline: the mean over categories, not over images
+            for k in keys:
+                vals = [out[f"eval/{c}/{k}"] for c in all_cats if f"eval/{c}/{k}" in out]
+                out[f"eval/category_mean/{k}"] = sum(vals) / len(vals)
         if tag and self.info.is_main and images_keep:
             save_grid(torch.cat(images_keep), self.run_dir / f"samples_{tag}.png")
         return out
@@ -530,7 +534,7 @@ def prompt_category(policy, prompt: Prompt) -> str:
 
 
 def _headline(ev: dict[str, Any]) -> float | None:
-    for key in ("eval/overall/accuracy", "eval/overall/reward"):
+    for key in ("eval/category_mean/accuracy", "eval/overall/accuracy", "eval/overall/reward"):
         if key in ev:
             return ev[key]
     vals = [v for k, v in ev.items() if k.startswith("eval/overall/")]
@@ -546,7 +550,8 @@ def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     if not rows:
         return "fastflow: no evaluation metrics"
     lines = [f"{'category':<16} {'metric':<14} {'before':>8} {'after':>8} {'delta':>8}"]
-    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] == "overall", k.split("/")[1])):
+    summary = ("overall", "category_mean")  # after the categories: per image, then per category
+    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] in summary, k.split("/")[1])):
         _, cat, metric = k.split("/")
         b, a = before.get(k), after[k]
         bs = f"{b:8.3f}" if isinstance(b, float) else f"{'-':>8}"
