@@ -258,6 +258,7 @@ class GraphedSampler:
         if max_programs < 1:
             raise ValueError(f"max_programs must be >= 1, got {max_programs}")
         self.policy, self.mode, self.noise, self.attention = policy, mode, noise, attention
+        self._on_cuda = False  # device of the last call: decides how loud a fallback is
         self.max_programs, self.warmup = max_programs, warmup
         self.programs: OrderedDict[tuple, _Program] = OrderedDict()
         self.failed: dict[tuple, str] = {}
@@ -288,7 +289,9 @@ class GraphedSampler:
         self.last_path, self.last_reason = path, reason
         if reason and reason not in self._logged:
             self._logged.add(reason)
-            log.warning("rollout runs eagerly (fastflow.rollout.sample): %s", reason)
+            # Expected off CUDA (info); on a GPU the user asked for graphs and did not get them (warning).
+            level = logging.WARNING if self._on_cuda else logging.INFO
+            log.log(level, "rollout runs eagerly (fastflow.rollout.sample): %s", reason)
 
     def _noise_mode(self, seeds) -> str:
         if self.noise != "auto":
@@ -317,6 +320,7 @@ class GraphedSampler:
                   kind=kind, generator=generator, seeds=seeds, window=window,
                   prompt_ids=prompt_ids, latents=latents, autocast=autocast, device=device)
         device = torch.device(device if device is not None else _cond_device(cond))
+        self._on_cuda = device.type == "cuda"
         reason = self._fallback_reason(device)
         if reason is not None:
             self._note("eager", reason)
