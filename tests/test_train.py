@@ -123,3 +123,23 @@ def test_print_config_round_trips(capsys, tmp_path):
     path.write_text(text)
     cfg = load_config(str(path))
     assert cfg.train.lr == 1e-4 and cfg.model.kind == "toy"
+
+
+def test_cli_end_to_end_in_a_subprocess(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "fastflow.train", "--model.kind", "toy", "--reward.weights", "{toy_color=1.0}",
+           "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "6",
+           "--train.batch_size", "6", "--sample.train_steps", "4", "--sample.window_size", "0",
+           "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1",
+           "--run.output_dir", str(tmp_path), "--run.name", "cli", "--log.progress", "false",
+           "--train.optimizer", "adamw8bit"]  # imports bitsandbytes, whose import warns on some CPUs
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "cli" / "metrics.jsonl").is_file() and (tmp_path / "cli" / "curves.png").is_file()
+    assert "category" in r.stdout and "reward" in r.stdout  # the final table
+    assert "gemm_4bit_forward" not in r.stderr  # third-party import noise stays out of the log
