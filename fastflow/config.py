@@ -73,7 +73,7 @@ class RunConfig:
     device: str = opt("auto", "Where to run; auto = cuda when available, else cpu.",
                       choices=("auto", "cpu", "cuda"))
     iterations: int = opt(300, "RL iterations (each: sample rollouts, score them, train on them).")
-    max_minutes: float = opt(0.0, "Wall-clock budget in minutes: when reached, stop cleanly, checkpoint "
+    max_minutes: float = opt(15.0, "Wall-clock budget in minutes: when reached, stop cleanly, checkpoint "
                                   "and run the final eval; 0 = no budget.")
 
 
@@ -88,8 +88,8 @@ class ModelConfig:
     dtype: str = opt("float32", "Model compute dtype; the SDE math (log-probs, KL) always runs in float32.",
                      choices=("float32", "bfloat16", "float16"))
     finetune: str = opt("lora", "Train LoRA adapters (lora) or every weight (full).", choices=("lora", "full"))
-    lora_rank: int = opt(32, "LoRA rank r.")
-    lora_alpha: float = opt(64.0, "LoRA alpha; the adapter's output is scaled by alpha / r.")
+    lora_rank: int = opt(16, "LoRA rank r.")
+    lora_alpha: float = opt(32.0, "LoRA alpha; the adapter's output is scaled by alpha / r.")
     lora_targets: list[str] = opt([], "Module names that get LoRA adapters; empty = the model's paper "
                                       "default (SD3.5: the attention projections).")
     resolution: int = opt(512, "Image side in pixels for sd3/flux (a multiple of 16); the toy and shapes "
@@ -102,20 +102,20 @@ class ModelConfig:
 class SampleConfig:
     """Rollouts: the reduced-step SDE sampler, groups and the per-rank rollout batch."""
 
-    train_steps: int = opt(10, "Denoising steps T of training rollouts.")
-    eval_steps: int = opt(40, "Denoising steps of evaluation (ODE sampler); >= train_steps.")
+    train_steps: int = opt(8, "Denoising steps T of training rollouts.")
+    eval_steps: int = opt(20, "Denoising steps of evaluation (ODE sampler); >= train_steps.")
     guidance_scale: float = opt(4.5, "Classifier-free guidance weight w of rollouts (FLUX: the value fed "
                                      "to its guidance embedding).")
     noise_level: float = opt(0.7, "SDE noise level a, in (0, 1].")
     kind: str = opt("sde", "Stochastic step: sde (Flow-GRPO) or cps (coefficient-preserving).",
                     choices=("sde", "cps"))
-    group_size: int = opt(24, "Images per prompt G (one GRPO group); >= 2.")
-    prompts_per_iter: int = opt(48, "Prompts per iteration over all ranks; images per iteration = "
+    group_size: int = opt(8, "Images per prompt G (one GRPO group); >= 2.")
+    prompts_per_iter: int = opt(12, "Prompts per iteration over all ranks; images per iteration = "
                                     "prompts_per_iter * group_size.")
-    batch_size: int = opt(9, "Per-rank rollout micro-batch (images per sampler call).")
-    window_size: int = opt(0, "0 = every step is SDE and trained; else Flow-GRPO-Fast: only a window of "
+    batch_size: int = opt(16, "Per-rank rollout micro-batch (images per sampler call).")
+    window_size: int = opt(2, "0 = every step is SDE and trained; else Flow-GRPO-Fast: only a window of "
                               "this many steps is SDE and trained, the others are ODE.")
-    window_start: int = opt(-1, "First step of the window, in [0, train_steps - window_size]; -1 = random "
+    window_start: int = opt(0, "First step of the window, in [0, train_steps - window_size]; -1 = random "
                                 "per iteration.")
     cuda_graph: bool = opt(True, "On CUDA, capture the rollout once per shape in a CUDA graph and replay it "
                                  "(fastflow.graphs); elsewhere, or when capture fails, the eager sampler "
@@ -129,14 +129,14 @@ class TrainConfig:
     """The GRPO update: optimizer, batching, loss terms, EMA."""
 
     optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes).", choices=("adamw", "adamw8bit"))
-    lr: float = opt(3e-4, "Learning rate (> 0).")
+    lr: float = opt(1e-3, "Learning rate (> 0).")
     beta1: float = opt(0.9, "Adam beta1, in [0, 1).")
     beta2: float = opt(0.999, "Adam beta2, in [0, 1).")
     weight_decay: float = opt(1e-4, "Decoupled weight decay (>= 0).")
     adam_eps: float = opt(1e-8, "Adam epsilon (> 0).")
-    batch_size: int = opt(0, "Per-rank training micro-batch (images per forward/backward); "
+    batch_size: int = opt(16, "Per-rank training micro-batch (images per forward/backward); "
                              "0 = sample.batch_size.")
-    optimizer_steps: int = opt(2, "Optimizer steps per inner epoch (the paper: 2). Gradients accumulate over "
+    optimizer_steps: int = opt(1, "Optimizer steps per inner epoch (the paper: 2). Gradients accumulate over "
                                   "the training micro-batches between steps; independent of the world size, "
                                   "so one config trains the same way on any number of GPUs.")
     beta: float = opt(0.04, "KL penalty weight (the public code's KL form); 0 = no KL term.")
@@ -144,13 +144,13 @@ class TrainConfig:
     adv_clip: float = opt(5.0, "Advantages are clipped to [-adv_clip, adv_clip] (> 0).")
     global_std: bool = opt(True, "Normalise advantages by the std over all rewards of the iteration "
                                  "(true) or by each group's std (false).")
-    timestep_fraction: float = opt(0.99, "Fraction of the SDE steps that are trained: the first "
+    timestep_fraction: float = opt(1.0, "Fraction of the SDE steps that are trained: the first "
                                          "floor(K * fraction), K = window_size or train_steps; in (0, 1].")
     max_grad_norm: float = opt(1.0, "Gradient-norm clip (> 0).")
     inner_epochs: int = opt(1, "Passes over each iteration's rollout data.")
     ema: bool = opt(True, "Keep an EMA of the trainable weights, used for evaluation and checkpoints.")
     ema_decay: float = opt(0.9, "EMA decay, in [0, 1).")
-    ema_every: int = opt(8, "Update the EMA every this many optimizer steps.")
+    ema_every: int = opt(1, "Update the EMA every this many optimizer steps.")
 
 
 @dataclass
@@ -177,10 +177,10 @@ class RewardConfig:
 class EvalConfig:
     """Evaluation: full-step ODE sampling on the held-out prompts with fixed seeds."""
 
-    every: int = opt(10, "Evaluate every this many iterations; 0 = only at the end.")
+    every: int = opt(50, "Evaluate every this many iterations; 0 = only at the end.")
     seeds: int = opt(4, "Images per eval prompt (fixed seeds).")
     guidance_scale: float = opt(0.0, "Guidance weight at evaluation; 0 = sample.guidance_scale.")
-    batch_size: int = opt(64, "Per-rank evaluation batch.")
+    batch_size: int = opt(128, "Per-rank evaluation batch.")
     max_prompts: int = opt(0, "Evaluate at most this many prompts; 0 = all.")
 
 
@@ -197,7 +197,7 @@ class LogConfig:
 class CheckpointConfig:
     """Checkpoints (EMA weights, optimizer, RNG state) for resuming."""
 
-    every: int = opt(20, "Save a checkpoint every this many iterations (and at the end).")
+    every: int = opt(50, "Save a checkpoint every this many iterations (and at the end).")
     keep: int = opt(2, "Checkpoints kept; older ones are deleted.")
 
 
