@@ -116,6 +116,7 @@ class Trainer:
                         if cfg.sample.cuda_graph else functools.partial(sample, self.policy))
         self.iteration = 0
         self.optimizer_steps = 0
+        self.grids: dict[str, dict] = {}  # per-category eval images of the tagged evals
         if resume is not None:
             self._resume(resume)
 
@@ -348,6 +349,7 @@ class Trainer:
         per_image: dict[str, list[float]] = {}
         cats: list[str] = []
         images_keep = []
+        by_cat: dict[str, list[tuple[Tensor, float | None]]] = {}  # a few images per category, for grids
         t0 = time.perf_counter()
         with ctx, self._gathered():
             for start in range(0, len(pairs), cfg.eval.batch_size):
@@ -366,7 +368,12 @@ class Trainer:
                 metrics = eval_metrics(self.policy, self.reward, images, texts, metas)
                 for k, v in metrics.items():
                     per_image.setdefault(k, []).extend(float(x) for x in v)
-                cats += [prompt_category(self.policy, p) for p in prompts]
+                batch_cats = [prompt_category(self.policy, p) for p in prompts]
+                ok = metrics.get("accuracy")
+                for b, cat in enumerate(batch_cats):
+                    if len(by_cat.setdefault(cat, [])) < GRID_PER_CATEGORY:
+                        by_cat[cat].append((images[b], None if ok is None else float(ok[b])))
+                cats += batch_cats
         # Sums and counts per (category, metric), reduced over ranks: every rank knows every
         # category from the shared prompt list, so the table has the same layout everywhere.
         all_cats = sorted({prompt_category(self.policy, p) for p in self.eval_prompts})
@@ -388,6 +395,9 @@ class Trainer:
                 out[f"eval/category_mean/{k}"] = sum(vals) / len(vals)
         if tag and self.info.is_main and images_keep:
             save_grid(torch.cat(images_keep), self.run_dir / f"samples_{tag}.png")
+            self.grids[tag] = by_cat
+            if tag == "after" and "before" in self.grids:
+                save_before_after(self.grids["before"], by_cat, self.run_dir / "before_after.png")
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -558,6 +568,36 @@ def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         ds = f"{a - b:+8.3f}" if isinstance(b, float) else f"{'':>8}"
         lines.append(f"{cat:<16} {metric:<14} {bs} {a:8.3f} {ds}")
     return "\n".join(lines)
+
+
+GRID_PER_CATEGORY = 8  # images per category in before_after.png: the first prompts' fixed seeds
+
+
+def save_before_after(before: dict, after: dict, path: Path) -> Path:
+    """One PNG: per category a row of images before training and a row after (same prompts, same
+    seeds), each framed green (correct) or red (wrong) when the policy reports accuracy."""
+    from PIL import Image, ImageDraw
+
+    cats = sorted(set(before) & set(after))
+    h, w = before[cats[0]][0][0].shape[1:]
+    scale = max(1, 96 // max(h, w))
+    cell, pad, label_w = max(h, w) * scale + 6, 4, 120
+    rows = [r for c in cats for r in ((f"{c}: before", before[c]), (f"{c}: after", after[c]))]
+    ncol = max(len(r[1]) for r in rows)
+    canvas = Image.new("RGB", (label_w + ncol * (cell + pad), len(rows) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, items) in enumerate(rows):
+        y = pad + r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), label, fill="black")
+        for c, (img, ok) in enumerate(items):
+            x = label_w + c * (cell + pad)
+            frame = "white" if ok is None else ("#1a9641" if ok >= 0.5 else "#d7191c")
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=frame)
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (x + 3, y + 3))
+    canvas.save(path)
+    return Path(path)
 
 
 def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:

@@ -38,7 +38,8 @@ def toy_args(out_dir, *extra):
             "--eval.every", "0", "--eval.seeds", "1", "--checkpoint.every", "2", "--log.progress", "false",
             "--log.tensorboard", "false", "--run.output_dir", str(out_dir), "--run.name", "toy",
             "--train.optimizer_steps", "1", "--train.lr", "3e-3", "--train.clip_range", "0.2",
-            "--train.ema_every", "1", *extra]
+            "--train.ema_every", "1", "--train.batch_size", "0", "--sample.window_size", "0",
+            "--run.max_minutes", "0", *extra]
 
 
 def torchrun_cmd(mode, dump, args, nproc=2):

@@ -18,7 +18,8 @@ def toy_cfg(tmp_path, *extra):
                  "--sample.prompts_per_iter", "3", "--sample.batch_size", "6", "--sample.train_steps", "4",
                  "--sample.eval_steps", "6", "--sample.guidance_scale", "1.5", "--run.iterations", "4",
                  "--eval.every", "0", "--eval.seeds", "2", "--checkpoint.every", "2", "--log.progress", "false",
-                 "--log.tensorboard", "false", "--run.output_dir", str(tmp_path), "--run.name", "toy", *extra]
+                 "--log.tensorboard", "false", "--run.output_dir", str(tmp_path), "--run.name", "toy",
+                 "--train.batch_size", "0", "--sample.window_size", "0", "--run.max_minutes", "0", *extra]
     cfg = load_config(None, overrides)
     return cfg, validate(cfg, 1)
 
@@ -51,7 +52,8 @@ def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
     cfg, d = toy_cfg(tmp_path, "--eval.every", "2", "--log.tensorboard", "true")
     t = run(cfg, d)
     rd = t.run_dir
-    for name in ["metrics.jsonl", "config.toml", "curves.png", "samples_before.png", "samples_after.png"]:
+    for name in ["metrics.jsonl", "config.toml", "curves.png", "samples_before.png", "samples_after.png",
+                 "before_after.png"]:
         assert (rd / name).is_file(), name
     assert any((rd / "tensorboard").iterdir())
     assert latest_checkpoint(rd).name == "iter-000004"
