@@ -277,6 +277,9 @@ def _policy_for(config: str | None, ck: Path | None, device):
 
 
 def main(argv=None) -> int:
+    from fastflow.logs import setup_logging
+
+    setup_logging()
     args = parse_args(argv)
     from fastflow.config import load_config
     from fastflow.data import load_prompts

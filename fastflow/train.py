@@ -43,6 +43,7 @@ from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, bro
                                   init_distributed, shutdown, world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
+from fastflow.logs import setup_logging
 from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, plot_curves
@@ -619,25 +620,8 @@ def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:
     return Path(path)
 
 
-class _DropMessage(logging.Filter):
-    """Drops one known-harmless third-party log line (matched by a substring)."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def main(argv: list[str] | None = None) -> int:
-    # peft imports bitsandbytes, which on AVX512-BF16 CPUs warns at import that the optional PyPI
-    # package `kernels` (an accelerated 4-bit matmul fastflow never uses) is absent.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("gemm_4bit_forward"))
-    # Rank-aware: rank 0 logs at INFO; other ranks only warn, unless FASTFLOW_LOG_ALL_RANKS=1.
-    quiet = int(os.environ.get("RANK", "0")) != 0 and os.environ.get("FASTFLOW_LOG_ALL_RANKS") != "1"
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format=f"%(asctime)s [rank {os.environ.get('RANK', '0')}] %(name)s %(levelname)s %(message)s")
+    setup_logging()
     try:
         args = parse_cli(sys.argv[1:] if argv is None else argv)
         if args.print_config:
