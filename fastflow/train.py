@@ -22,7 +22,6 @@ import functools
 import hashlib
 import logging
 import math
-import os
 import signal
 import sys
 import time
