@@ -64,16 +64,22 @@ def save_checkpoint(run_dir: Path, iteration: int, *, trainable: dict[str, torch
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
-    if final.exists():  # re-written after a resume: move the old one aside first
-        old = root / f".old-{final.name}-{os.getpid()}"
+    _publish(tmp, final)
+    prune(root, keep)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete, fsynced ``tmp`` folder to ``final`` (atomic on one file system). A
+    checkpoint re-written for the same iteration (e.g. after a resume) replaces the old one."""
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
-    prune(root, keep)
-    return final
+    _fsync_dir(final.parent)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -253,14 +259,7 @@ def save_sharded_checkpoint(run_dir: Path, iteration: int, info, *, trainable: d
         _fsync_file(tmp / "state.json")
         _fsync_dir(tmp / _SHARDED)
         _fsync_dir(tmp)
-        if final.exists():
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        _publish(tmp, final)
         prune(root, keep)
     barrier(info)
     return final

@@ -21,14 +21,13 @@ Conventions (diffusers' FluxPipeline and the authors' public code):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fastflow.models.lora import Tuning, export_lora
+from fastflow.models.lora import TunedTransformerPolicy, Tuning
 from fastflow.models.sd3 import (MAX_SEQUENCE_LENGTH, PromptCache, _model_cfg, load_pipeline,
                                  parse_dtype, place)
 
@@ -45,7 +44,7 @@ def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: in
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-class FluxPolicy:
+class FluxPolicy(TunedTransformerPolicy):
     """FluxPipeline components as a Policy; see the module docstring."""
 
     def __init__(self, pipe, *, device, dtype: torch.dtype = torch.float32, finetune: str = "lora",
@@ -151,40 +150,10 @@ class FluxPolicy:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # -- training --------------------------------------------------------------------------
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """LoRA weights (or every transformer weight for full fine-tuning) by stable name."""
-        return self.tuning.named_trainable_parameters()
+    pipeline_class_name = "FluxPipeline"
 
-    def reference(self):
-        """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
-        return self.tuning.reference()
-
-    def parallel_modules(self):
-        """The transformer and its blocks, for FSDP2 sharding (fastflow.parallel)."""
-        t = self.transformer
-        return t, list(t.transformer_blocks) + list(t.single_transformer_blocks)
-
-    def reference_modules(self):
-        """The frozen reference copy (full fine-tuning), sharded like the transformer; None for
-        LoRA, whose reference is the same sharded network with the adapter disabled."""
-        t = self.tuning.ref_transformer
-        return None if t is None else (t, list(t.transformer_blocks) + list(t.single_transformer_blocks))
-
-    def export(self, directory):
-        """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
-        ``FluxPipeline.load_lora_weights(directory)``, or for full fine-tuning the whole
-        transformer under ``directory/transformer`` (``from_pretrained`` format)."""
-        if self.tuning.finetune == "lora":
-            return self.export_lora(directory)
-        out = Path(directory) / "transformer"
-        self.transformer.save_pretrained(out)
-        return out
-
-    def export_lora(self, directory, dtype: torch.dtype | None = None):
-        """Save the LoRA for ``FluxPipeline.load_lora_weights(directory)``."""
-        from diffusers import FluxPipeline
-
-        return export_lora(FluxPipeline, self.transformer, directory, dtype=dtype)
+    def _blocks(self, transformer):
+        return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
 
 
 def build_policy(cfg, device) -> FluxPolicy:

@@ -144,3 +144,48 @@ def export_lora(pipeline_cls, module: nn.Module, directory, *, dtype: torch.dtyp
         directory, transformer_lora_layers=state, weight_name=weight_name,
         transformer_lora_adapter_metadata=module.peft_config["default"].to_dict())
     return directory / weight_name
+
+
+class TunedTransformerPolicy:
+    """The training-side half of a diffusers policy (SD3, FLUX): trainable parameters, the KL
+    reference, FSDP2 hooks and export. The subclass sets ``self.tuning`` (a Tuning) and
+    ``self.transformer``, and names its pipeline class and its transformer blocks."""
+
+    pipeline_class_name: str = ""  # e.g. "StableDiffusion3Pipeline": what loads the exported LoRA
+
+    def _blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """LoRA weights (or every transformer weight for full fine-tuning) by stable name."""
+        return self.tuning.named_trainable_parameters()
+
+    def reference(self):
+        """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
+        return self.tuning.reference()
+
+    def parallel_modules(self):
+        """The transformer and its blocks, for FSDP2 sharding (fastflow.parallel)."""
+        return self.transformer, self._blocks(self.transformer)
+
+    def reference_modules(self):
+        """The frozen reference copy (full fine-tuning), sharded like the transformer; None for
+        LoRA, whose reference is the same sharded network with the adapter disabled."""
+        t = self.tuning.ref_transformer
+        return None if t is None else (t, self._blocks(t))
+
+    def export(self, directory):
+        """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
+        ``<pipeline>.load_lora_weights(directory)``, or for full fine-tuning the whole transformer
+        under ``directory/transformer`` (``from_pretrained`` format)."""
+        if self.tuning.finetune == "lora":
+            return self.export_lora(directory)
+        out = Path(directory) / "transformer"
+        self.transformer.save_pretrained(out)
+        return out
+
+    def export_lora(self, directory, dtype: torch.dtype | None = None):
+        """Save the LoRA for ``<pipeline>.load_lora_weights(directory)``."""
+        import diffusers
+
+        return export_lora(getattr(diffusers, self.pipeline_class_name), self.transformer, directory, dtype=dtype)

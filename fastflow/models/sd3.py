@@ -23,12 +23,11 @@ import os
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from fastflow.models.lora import Tuning, export_lora
+from fastflow.models.lora import TunedTransformerPolicy, Tuning
 from fastflow.sde import GuidedVelocity, flow_sigmas
 
 DEFAULT_PATH = "stabilityai/stable-diffusion-3.5-medium"
@@ -107,7 +106,7 @@ def _model_cfg(cfg):
     return m, targets
 
 
-class SD3Policy:
+class SD3Policy(TunedTransformerPolicy):
     """StableDiffusion3Pipeline components as a Policy; see the module docstring."""
 
     def __init__(self, pipe, *, device, dtype: torch.dtype = torch.float32, finetune: str = "lora",
@@ -189,40 +188,10 @@ class SD3Policy:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     # -- training --------------------------------------------------------------------------
-    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """LoRA weights (or every transformer weight for full fine-tuning) by stable name."""
-        return self.tuning.named_trainable_parameters()
+    pipeline_class_name = "StableDiffusion3Pipeline"
 
-    def reference(self):
-        """Context: velocity() is the base model (LoRA disabled) or the frozen copy (full)."""
-        return self.tuning.reference()
-
-    def parallel_modules(self):
-        """The transformer and its blocks, for FSDP2 sharding (fastflow.parallel)."""
-        t = self.transformer
-        return t, list(t.transformer_blocks)
-
-    def reference_modules(self):
-        """The frozen reference copy (full fine-tuning), sharded like the transformer; None for
-        LoRA, whose reference is the same sharded network with the adapter disabled."""
-        t = self.tuning.ref_transformer
-        return None if t is None else (t, list(t.transformer_blocks))
-
-    def export(self, directory):
-        """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
-        ``StableDiffusion3Pipeline.load_lora_weights(directory)``, or for full fine-tuning the whole
-        transformer under ``directory/transformer`` (``from_pretrained`` format)."""
-        if self.tuning.finetune == "lora":
-            return self.export_lora(directory)
-        out = Path(directory) / "transformer"
-        self.transformer.save_pretrained(out)
-        return out
-
-    def export_lora(self, directory, dtype: torch.dtype | None = None):
-        """Save the LoRA for ``StableDiffusion3Pipeline.load_lora_weights(directory)``."""
-        from diffusers import StableDiffusion3Pipeline
-
-        return export_lora(StableDiffusion3Pipeline, self.transformer, directory, dtype=dtype)
+    def _blocks(self, transformer):
+        return list(transformer.transformer_blocks)
 
 
 def build_policy(cfg, device) -> SD3Policy:
