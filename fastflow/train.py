@@ -350,6 +350,7 @@ class Trainer:
         cats: list[str] = []
         images_keep = []
         by_cat: dict[str, list[tuple[Tensor, float | None]]] = {}  # a few images per category, for grids
+        diversity = GroupDiversity()
         t0 = time.perf_counter()
         with ctx, self._gathered():
             for start in range(0, len(pairs), cfg.eval.batch_size):
@@ -374,6 +375,8 @@ class Trainer:
                     if len(by_cat.setdefault(cat, [])) < GRID_PER_CATEGORY:
                         by_cat[cat].append((images[b], None if ok is None else float(ok[b])))
                 cats += batch_cats
+                for (i, _), img in zip(chunk, images):
+                    diversity.add(i, img)
         # Sums and counts per (category, metric), reduced over ranks: every rank knows every
         # category from the shared prompt list, so the table has the same layout everywhere.
         all_cats = sorted({prompt_category(self.policy, p) for p in self.eval_prompts})
@@ -384,7 +387,11 @@ class Trainer:
                 for row in (all_cats.index(cat), len(all_cats)):
                     sums[row, ki] += torch.tensor([val, 1.0], dtype=torch.float64)
         all_reduce_sum_(sums, self.info)
+        div = diversity.totals()
+        all_reduce_sum_(div, self.info)
         out: dict[str, Any] = {"eval/time_s": time.perf_counter() - t0}
+        if div[1] > 0:  # mean pairwise pixel distance between the seeds of one prompt
+            out["eval/overall/diversity"] = float(div[0] / div[1])
         for row, cat in enumerate(all_cats + ["overall"]):
             for ki, k in enumerate(keys):
                 if sums[row, ki, 1] > 0:
@@ -568,6 +575,39 @@ def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
         ds = f"{a - b:+8.3f}" if isinstance(b, float) else f"{'':>8}"
         lines.append(f"{cat:<16} {metric:<14} {bs} {a:8.3f} {ds}")
     return "\n".join(lines)
+
+
+class GroupDiversity:
+    """Within-group diversity of evaluation images: the mean absolute pixel difference (images in
+    [0, 1], pooled to at most 64 px) over every pair of images of one prompt (its seeds). Images
+    arrive prompt by prompt, so only one prompt's images are held at a time."""
+
+    def __init__(self, max_side: int = 64):
+        self.max_side = max_side
+        self.key, self.images = None, []
+        self.total, self.pairs = 0.0, 0
+
+    def add(self, key, image: Tensor) -> None:
+        if key != self.key:
+            self._flush()
+            self.key = key
+        if max(image.shape[-2:]) > self.max_side:
+            image = torch.nn.functional.adaptive_avg_pool2d(image[None], self.max_side)[0]
+        self.images.append(image.float())
+
+    def _flush(self) -> None:
+        n = len(self.images)
+        if n > 1:
+            flat = torch.stack(self.images).flatten(1)
+            d = torch.cdist(flat, flat, p=1) / flat.shape[1]
+            self.total += float(d.sum()) / 2
+            self.pairs += n * (n - 1) // 2
+        self.images = []
+
+    def totals(self) -> Tensor:
+        """[sum of pair distances, number of pairs] (float64, for a sum over ranks)."""
+        self._flush()
+        return torch.tensor([self.total, float(self.pairs)], dtype=torch.float64)
 
 
 GRID_PER_CATEGORY = 8  # images per category in before_after.png: the first prompts' fixed seeds

@@ -60,6 +60,7 @@ def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
     rows = [json.loads(l) for l in (rd / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "reward_mean" in r] == [1, 2, 3, 4]
     assert any("eval/overall/reward" in r for r in rows)
+    assert all(0 <= r["eval/overall/diversity"] <= 1 for r in rows if "eval/overall/reward" in r)
     assert validate(load_config(str(rd / "config.toml")), 1) is not None  # the saved config reloads
 
 
@@ -145,3 +146,17 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path):
     assert (tmp_path / "cli" / "metrics.jsonl").is_file() and (tmp_path / "cli" / "curves.png").is_file()
     assert "category" in r.stdout and "reward" in r.stdout  # the final table
     assert "gemm_4bit_forward" not in r.stderr  # third-party import noise stays out of the log
+
+
+def test_group_diversity_is_the_mean_pairwise_pixel_distance():
+    d = train_mod.GroupDiversity()
+    a, b, c = torch.zeros(3, 4, 4), torch.ones(3, 4, 4), torch.full((3, 4, 4), 0.5)
+    for key, img in [(0, a), (0, b), (0, c), (1, a), (1, a)]:  # prompt 0: three seeds, prompt 1: two equal
+        d.add(key, img)
+    total, pairs = d.totals().tolist()
+    assert pairs == 3 + 1
+    assert abs(total - (1.0 + 0.5 + 0.5 + 0.0)) < 1e-6  # |a-b|, |a-c|, |b-c|, then identical images
+    big = train_mod.GroupDiversity(max_side=8)
+    big.add(0, torch.zeros(3, 32, 32))
+    big.add(0, torch.ones(3, 32, 32))
+    assert big.totals().tolist() == [1.0, 1.0]  # pooling keeps the mean difference
