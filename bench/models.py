@@ -243,6 +243,24 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype | None = Non
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def start_run(device: torch.device, out: str | None):
+    """The preamble both benches share: results folder, compute dtype, machine header, the CPU
+    banner and the measured matmul rate. Returns (header info, dtype, peak TFLOP/s)."""
+    from pathlib import Path
+
+    import common
+
+    if out:
+        common.RESULTS = Path(out)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    info = common.header(device)
+    if device.type != "cuda":
+        print("# CPU run with tiny configs: it proves the script works; the numbers mean nothing.")
+    peak = measured_matmul_tflops(device)
+    print(f"# measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate: {peak:.1f} TFLOP/s")
+    return info, dtype, peak
+
+
 class GpuMonitor:
     """Mean GPU utilisation (%) and power (W) over a ``with`` block, sampled by nvidia-ml-py
     (pynvml) every 50 ms; both None when pynvml or a GPU is missing."""

@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _BENCH_DIR)
@@ -39,8 +38,8 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from models import (ARCHS, TINY, GpuMonitor, bench_policy, build_transformer,  # noqa: E402
-                    measured_matmul_tflops, peak_memory_gib, random_cond, reset_peak_memory,
-                    rollout_flops)
+                    peak_memory_gib, random_cond, reset_peak_memory,
+                    rollout_flops, start_run)
 
 from fastflow.graphs import GraphedSampler  # noqa: E402
 
@@ -203,15 +202,7 @@ def main(argv=None) -> int:
     args.warmup = args.warmup or (1 if args.tiny else 2)
     if args.noise == "philox" and device.type != "cuda":
         args.noise = "host"  # in-kernel noise needs the fused kernels; the CPU runs eagerly
-    if args.out:
-        common.RESULTS = Path(args.out)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    info = common.header(device)
-    if device.type != "cuda":
-        print("# CPU run with tiny configs: it proves the script works; the numbers mean nothing.")
-    peak = measured_matmul_tflops(device)
-    print(f"# measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate: {peak:.1f} TFLOP/s")
+    info, dtype, peak = start_run(device, args.out)
     rows = []
     for name in names:
         arch = ARCHS[TINY[name]] if args.tiny else ARCHS[name]

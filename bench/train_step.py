@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _BENCH_DIR)
@@ -34,8 +33,8 @@ sys.path.insert(0, _BENCH_DIR)
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from models import (ARCHS, TINY, bench_policy, build_transformer, measured_matmul_tflops,  # noqa: E402
-                    peak_memory_gib, random_cond, reset_peak_memory, train_step_flops)
+from models import (ARCHS, TINY, bench_policy, build_transformer,  # noqa: E402
+                    peak_memory_gib, random_cond, reset_peak_memory, start_run, train_step_flops)
 
 from fastflow import ops  # noqa: E402
 from fastflow.rollout import recompute_step, sample  # noqa: E402
@@ -187,15 +186,7 @@ def main(argv=None) -> int:
             ap.error(f"--kernels: unknown path {k!r}; known: triton, torch")
     args.batch_size = args.batch_size or (2 if args.tiny else 8)
     args.repeats = args.repeats or (1 if args.tiny else 3)
-    if args.out:
-        common.RESULTS = Path(args.out)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    info = common.header(device)
-    if device.type != "cuda":
-        print("# CPU run with tiny configs: it proves the script works; the numbers mean nothing.")
-    peak = measured_matmul_tflops(device)
-    print(f"# measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate: {peak:.1f} TFLOP/s")
+    info, dtype, peak = start_run(device, args.out)
     rows = []
     for name in names:
         arch = ARCHS[TINY[name]] if args.tiny else ARCHS[name]
