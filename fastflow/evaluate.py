@@ -129,18 +129,20 @@ def evaluate_policy(policy, prompts: Sequence[str], seeds: int, steps: int, guid
     cats = {t: _category(policy, t) for t in texts}  # also rejects prompts outside the grammar early
     pairs = [(t, j) for t in texts for j in range(seeds)]
     results = EvalResults()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        ctexts = [t for t, _ in chunk]
-        seed_vals = [image_seed(t, j) for t, j in chunk]
-        cond = policy.encode_prompts(ctexts)
-        traj = sample(policy, cond, num_steps=steps, guidance_scale=guidance_scale, noise_level=0.0,
-                      kind="ode", seeds=torch.tensor(seed_vals), autocast=autocast, device=device)
-        images = policy.decode(traj.final).float().cpu()
-        strict, partial = _judge(policy, images, ctexts)
-        for k, ((t, j), s) in enumerate(zip(chunk, seed_vals)):
-            results.records.append(EvalRecord(t, j, s, cats[t], strict[k], partial[k],
-                                              images[k].clone() if keep_images else None))
+    sampling = policy.sampling() if hasattr(policy, "sampling") else contextlib.nullcontext()
+    with sampling:  # e.g. the shapes policy samples with its LoRA merged (faster, no grad)
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            ctexts = [t for t, _ in chunk]
+            seed_vals = [image_seed(t, j) for t, j in chunk]
+            cond = policy.encode_prompts(ctexts)
+            traj = sample(policy, cond, num_steps=steps, guidance_scale=guidance_scale, noise_level=0.0,
+                          kind="ode", seeds=torch.tensor(seed_vals), autocast=autocast, device=device)
+            images = policy.decode(traj.final).float().cpu()
+            strict, partial = _judge(policy, images, ctexts)
+            for k, ((t, j), s) in enumerate(zip(chunk, seed_vals)):
+                results.records.append(EvalRecord(t, j, s, cats[t], strict[k], partial[k],
+                                                  images[k].clone() if keep_images else None))
     return results
 
 

@@ -33,8 +33,11 @@ class Policy(Protocol):
     Optional hooks the trainer uses when present: ``default_prompts(split) -> list[Prompt]``
     (built-in prompt lists, split "train"/"eval"), ``eval_metrics(images, prompts, metadata) ->
     dict[str, Tensor[B]]`` (evaluation metrics, e.g. strict accuracy, instead of the reward),
-    ``prompt_category(text) -> str`` (groups the evaluation table) and ``export(directory)``
-    (writes the trained weights in the model's native format at the end of a run).
+    ``prompt_category(text) -> str`` (groups the evaluation table), ``export(directory)``
+    (writes the trained weights in the model's native format at the end of a run) and
+    ``sampling() -> ContextManager`` (around gradient-free rollouts and evaluations: velocity() may
+    use a faster equivalent of the current weights, e.g. LoRA merged; its log-probs must match the
+    training pass within float rounding).
     """
 
     #: per-sample latent shape, e.g. (16, 64, 64) for SD3.5 at 512 px.

@@ -159,11 +159,17 @@ class Trainer:
             print(f"fastflow: {self.info.world_size} ranks, distributed.strategy {strategy}", file=sys.stderr)
         return strategy, roots
 
-    def _gathered(self):
-        """FSDP: gather each block once per rollout/evaluation instead of once per denoising step."""
-        if not self._sharded_roots:
-            return contextlib.nullcontext()
-        return parallel.gathered_for_rollout(self._sharded_roots, self.cfg.distributed.reshard_after_forward)
+    def _sampling(self) -> contextlib.ExitStack:
+        """The weights a rollout / evaluation samples with: FSDP gathers each block once per
+        rollout instead of once per denoising step; a policy with a ``sampling()`` hook may swap
+        in a faster gradient-free equivalent (the shapes policy merges its LoRA)."""
+        stack = contextlib.ExitStack()
+        if self._sharded_roots:
+            stack.enter_context(parallel.gathered_for_rollout(self._sharded_roots,
+                                                              self.cfg.distributed.reshard_after_forward))
+        if hasattr(self.policy, "sampling"):
+            stack.enter_context(self.policy.sampling())
+        return stack
 
     def _resume(self, resume: str) -> None:
         path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
@@ -238,7 +244,7 @@ class Trainer:
             window = sde_window(s.train_steps, s.window_size, start)
 
         trajs, futures, prompts_all = [], [], []
-        with self._gathered():  # FSDP: one all-gather per block per rollout
+        with self._sampling():
             for batch in mine.split(s.batch_size):
                 prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
                 texts = [p.text for p in prompts]
@@ -352,7 +358,7 @@ class Trainer:
         by_cat: dict[str, list[tuple[Tensor, float | None]]] = {}  # a few images per category, for grids
         diversity = GroupDiversity()
         t0 = time.perf_counter()
-        with ctx, self._gathered():
+        with ctx, self._sampling():
             for start in range(0, len(pairs), cfg.eval.batch_size):
                 chunk = pairs[start:start + cfg.eval.batch_size]
                 prompts = [self.eval_prompts[i] for i, _ in chunk]

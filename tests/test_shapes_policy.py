@@ -234,3 +234,36 @@ def test_trainer_checkpoint_folder_loads_into_a_policy(tiny_weights, tmp_path):
     full = build_policy(make_cfg(tiny_weights, "full"), "cpu")   # names differ: a clear error
     with pytest.raises(ValueError, match="finetune"):
         evaluate.load_checkpoint_into(full, ck)
+
+
+def test_sampling_context_merges_lora_and_rollouts_reproduce_in_training(tiny_weights):
+    """Rollouts run inside sampling() (LoRA merged, no grad); the training pass, with the adapters,
+    reproduces their log-probs to float rounding (ratio 1 within 1e-5), and the context restores
+    the trainable adapter path on exit."""
+    pol = build_policy(make_cfg(tiny_weights), "cpu")
+    _perturb(pol)
+    cond = pol.encode_prompts(["a red circle left of a blue square", "three green triangles", "a yellow square"])
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([0.9, 0.5, 0.2])
+    v_adapter = pol.velocity(x, s, cond, guidance_scale=4.5).combine().detach()
+    with pol.sampling():
+        assert pol._active is not pol.model
+        v_merged = pol.velocity(x, s, cond, guidance_scale=4.5).combine()
+        assert not v_merged.requires_grad
+        traj = sample(pol, cond, num_steps=6, guidance_scale=4.5, noise_level=0.7, kind="sde",
+                      seeds=torch.tensor([5, 6, 7]))
+    assert pol._active is pol.model
+    torch.testing.assert_close(v_merged, v_adapter, atol=1e-4, rtol=1e-4)
+    sig = pol.sigmas(6)
+    for j in range(traj.num_steps):
+        v = pol.velocity(traj.latents[:, j], traj.sigmas[j].expand(3), cond, guidance_scale=4.5)
+        assert v.uncond.requires_grad
+        out = sde_step(traj.latents[:, j], v, traj.sigmas[j].expand(3), traj.sigmas_next[j].expand(3),
+                       noise_level=0.7, prev_sample=traj.next_latents[:, j], sigma_guard=float(sig[1]))
+        ratio = torch.exp(out.log_prob - traj.log_probs[:, j])
+        assert (ratio - 1).abs().max() < 1e-5
+    # the merged copy follows later updates of the adapters
+    _perturb(pol)
+    v2 = pol.velocity(x, s, cond, guidance_scale=4.5).combine().detach()
+    with pol.sampling():
+        torch.testing.assert_close(pol.velocity(x, s, cond, guidance_scale=4.5).combine(), v2, atol=1e-4, rtol=1e-4)

@@ -2,8 +2,13 @@
 ``model.kind = "shapes"``.
 
 Fine-tuning: ``lora`` (peft LoRA adapters on the attention projections and the residual blocks'
-convolutions; the reference is the same network with the adapters disabled) or ``full`` (every
-weight; the reference is a frozen copy taken at construction).
+convolutions) or ``full`` (every weight). In both modes the KL reference is a frozen copy of the
+base weights taken at construction (for LoRA it computes exactly what the adapter-disabled
+network would, without the adapters' overhead: 0.84M parameters, 3.4 MB).
+
+Speed on a CPU: the weights are kept channels-last (oneDNN's convolutions run about 25 % faster
+that way), and rollouts / evaluations run inside ``sampling()``, a gradient-free copy with the
+LoRA product merged into the weights, which skips the adapters' extra convolutions (about 1.3x).
 """
 
 from __future__ import annotations
@@ -56,13 +61,17 @@ class ShapesPolicy:
         self.finetune = finetune
         self.shift = float(shift)
         self.model = model.to(self.device)
-        self._ref_model: ShapesFlowModel | None = None
+        # The reference (KL) is a frozen plain copy of the base weights in both modes: for LoRA it
+        # equals the adapter-disabled network and runs without the adapters' per-layer overhead.
+        self._ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._ref_model.to(memory_format=torch.channels_last)
         if finetune == "lora":
             self._inject_lora(lora_rank, lora_alpha, list(lora_targets) or DEFAULT_LORA_TARGETS)
         else:
             self.model.requires_grad_(True)
-            self._ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model.to(memory_format=torch.channels_last)  # conv weights NHWC: faster on oneDNN
         self._active = self.model
+        self._merged: ShapesFlowModel | None = None  # sampling(): the LoRA-merged copy, reused
         self._uncond = self.model.encode([""], self.device)
 
     # -------------------------------------------------------------------------------- set-up
@@ -80,8 +89,6 @@ class ShapesPolicy:
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
                                            init_lora_weights=True), self.model)
         self.model.to(self.device)
-        self._lora_layers = [m for m in self.model.modules() if hasattr(m, "enable_adapters")
-                             and hasattr(m, "lora_A")]
 
     # -------------------------------------------------------------------------------- protocol
     def encode_prompts(self, prompts: Sequence[str]) -> dict:
@@ -113,25 +120,46 @@ class ShapesPolicy:
 
     @contextlib.contextmanager
     def reference(self):
-        """LoRA: the adapters switched off (the base weights); full: the frozen copy."""
-        if self.finetune == "full":
-            prev, self._active = self._active, self._ref_model
-            try:
-                yield
-            finally:
-                self._active = prev
-            return
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        for m in self._lora_layers:
-            m.enable_adapters(False)
+        """The frozen base weights (for LoRA: what the adapter-disabled network computes)."""
+        prev, self._active = self._active, self._ref_model
         try:
             yield
         finally:
-            for m in self._lora_layers:
-                m.enable_adapters(True)
-            # enable_adapters toggles requires_grad; restore exactly what was trainable before
-            for n, p in self.model.named_parameters():
-                p.requires_grad_(n in trainable)
+            self._active = prev
+
+    @contextlib.contextmanager
+    def sampling(self):
+        """Context for gradient-free sampling (rollouts, evaluation): ``velocity()`` runs a plain
+        copy of the current weights with the LoRA product merged in, so the adapters' extra
+        matmuls and convolutions are skipped. The copy differs from the adapter path by float
+        rounding only (W x + B A x vs (W + B A) x): a rollout's log-probs are reproduced by the
+        training pass to about 1e-6, far inside any clip range. Full fine-tuning has nothing to
+        merge and samples the trained model itself."""
+        if self.finetune == "full" or self._active is not self.model:
+            yield
+            return
+        with torch.no_grad():
+            if self._merged is None:
+                self._merged = ShapesFlowModel(self.model.cfg).to(self.device).requires_grad_(False).eval()
+                self._merged.to(memory_format=torch.channels_last)
+            self._merged.load_state_dict(self._merged_state())
+        self._active = self._merged
+        try:
+            yield
+        finally:
+            self._active = self.model
+
+    def _merged_state(self) -> dict[str, Tensor]:
+        """The current weights as a plain ShapesFlowModel state dict (LoRA merged)."""
+        if self.finetune == "full":
+            return self.model.state_dict()
+        with torch.no_grad():
+            merged = copy.deepcopy(self.model)
+            for m in merged.modules():
+                if hasattr(m, "merge") and hasattr(m, "lora_A"):
+                    m.merge()
+            return {n.replace(".base_layer.", "."): v for n, v in merged.state_dict().items()
+                    if "lora_" not in n}
 
     # -------------------------------------------------------------------------------- hooks
     def default_prompts(self, split: str) -> list[Prompt]:
@@ -150,20 +178,7 @@ class ShapesPolicy:
     def merged_model(self) -> ShapesFlowModel:
         """A plain ShapesFlowModel with the current weights (LoRA merged in)."""
         fresh = ShapesFlowModel(self.model.cfg)
-        state = {}
-        if self.finetune == "full":
-            state = self.model.state_dict()
-        else:
-            with torch.no_grad():
-                merged = copy.deepcopy(self.model)
-                for m in merged.modules():
-                    if hasattr(m, "merge") and hasattr(m, "lora_A"):
-                        m.merge()
-                for n, v in merged.state_dict().items():
-                    if "lora_" in n:
-                        continue
-                    state[n.replace(".base_layer.", ".")] = v
-        fresh.load_state_dict(state)
+        fresh.load_state_dict(self._merged_state())
         return fresh
 
     def export(self, out_dir: str | Path) -> Path:
