@@ -113,6 +113,14 @@ class SampleConfig:
     prompts_per_iter: int = opt(12, "Prompts per iteration over all ranks; images per iteration = "
                                     "prompts_per_iter * group_size.")
     batch_size: int = opt(16, "Per-rank rollout micro-batch (images per sampler call).")
+    prompt_sampling: str = opt("uniform", "Which training prompts an iteration rolls out: uniform (distinct, "
+                                          "equally likely, as the authors' scripts) or signal (in proportion to "
+                                          "the within-group reward std of each prompt's recent groups, so "
+                                          "fewer rollouts land in all-equal groups that carry no gradient; "
+                                          "fastflow.prompt_sampler).", choices=("uniform", "signal"))
+    prompt_floor: float = opt(0.2, "signal sampling: every prompt's weight gets this fraction of the mean "
+                                   "weight added, so prompts that looked solved or hopeless keep being "
+                                   "tried; >= 0.")
     window_size: int = opt(2, "0 = every step is SDE and trained; else Flow-GRPO-Fast: only a window of "
                               "this many steps is SDE and trained, the others are ODE.")
     window_start: int = opt(0, "First step of the window, in [0, train_steps - window_size]; -1 = random "
@@ -714,6 +722,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
          f"sample.eval_steps ({sample.eval_steps}) must be >= sample.train_steps ({sample.train_steps})")
     need(sample.guidance_scale >= 0, f"sample.guidance_scale ({sample.guidance_scale}) must be >= 0")
     need(0 < sample.noise_level <= 1, f"sample.noise_level ({sample.noise_level}) must be in (0, 1]")
+    need(sample.prompt_floor >= 0, f"sample.prompt_floor ({sample.prompt_floor}) must be >= 0")
     need(sample.group_size >= 2, f"sample.group_size ({sample.group_size}) must be >= 2 (advantages "
                                  f"compare images of one prompt)")
     need(sample.prompts_per_iter >= 1, f"sample.prompts_per_iter ({sample.prompts_per_iter}) must be >= 1")

@@ -47,6 +47,7 @@ from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, plot_curves
 from fastflow.models import build_policy
+from fastflow.prompt_sampler import PromptSampler
 from fastflow.rewards import WeightedReward
 from fastflow.rewards.async_pool import AsyncReward
 from fastflow.rollout import Trajectory, recompute_step, sample, sde_window
@@ -79,6 +80,7 @@ class RolloutBatch:
     parts: dict[str, Tensor]   # component rewards
     group_ids: Tensor          # [n] prompt slot within the iteration (the group)
     prompts: list[Prompt]
+    prompt_index: Tensor       # [P] index into the training prompts of each slot (all ranks)
 
 
 # ---------------------------------------------------------------------------------- the trainer
@@ -106,6 +108,8 @@ class Trainer:
         self.reward = WeightedReward(cfg.reward.weights, "cpu", cfg.reward.options)
         self.reward_pool = AsyncReward(self.reward)  # scores batch k while batch k+1 samples
         self.train_prompts = load_prompt_split(cfg, self.policy, "train")
+        self.prompt_sampler = PromptSampler(len(self.train_prompts), cfg.sample.prompt_sampling,
+                                            cfg.sample.prompt_floor)
         self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
         if cfg.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
@@ -200,6 +204,8 @@ class Trainer:
                 self.ema.load_state_dict({n: _placed_like(self.ema.shadow[n], v) for n, v in ck["ema"].items()
                                           if n in self.ema.shadow}, st.get("ema_optimizer_steps", 0))
         self.iteration = int(st["iteration"])
+        if "prompt_sampler" in st:
+            self.prompt_sampler.load_state_dict(st["prompt_sampler"])
         self.optimizer_steps = int(st.get("optimizer_steps", 0))
         self.logger.truncate_after(self.iteration)
         if self.info.is_main:
@@ -208,7 +214,8 @@ class Trainer:
     def save(self) -> Path | None:
         path = None
         state = {"optimizer_steps": self.optimizer_steps,
-                 "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0}
+                 "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0,
+                 "prompt_sampler": self.prompt_sampler.state_dict()}
         if self.info.enabled:  # every rank writes its shards (DCP), rank 0 commits the folder
             return save_sharded_checkpoint(
                 self.run_dir, self.iteration, self.info, trainable=self.params,
@@ -221,8 +228,7 @@ class Trainer:
                 trainable={n: p for n, p in self.params.items()},
                 optimizer_state=optimizer_state_by_name(self.optimizer, self.params),
                 ema=self.ema.state_dict() if self.ema is not None else None,
-                state={"optimizer_steps": self.optimizer_steps,
-                       "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0},
+                state=state,
                 keep=self.cfg.checkpoint.keep)
         return path
 
@@ -231,9 +237,8 @@ class Trainer:
         cfg, d, info = self.cfg, self.derived, self.info
         s = cfg.sample
         g = generator(cfg.run.seed, it, _PROMPTS)  # identical on every rank
-        num = len(self.train_prompts)
         P, G = s.prompts_per_iter, s.group_size
-        slots = torch.randperm(num, generator=g)[:P] if P <= num else torch.randint(num, (P,), generator=g)
+        slots = self.prompt_sampler.draw(P, g)                   # [P] training prompt of each group
         group_of = torch.arange(P).repeat_interleave(G)          # [P*G] group (slot) of each sample
         order = torch.randperm(P * G, generator=g)               # groups spread over ranks
         mine = order[info.rank * d.images_per_rank:(info.rank + 1) * d.images_per_rank]
@@ -261,7 +266,7 @@ class Trainer:
         results = [f.result() for f in futures]
         rewards = torch.cat([r[0] for r in results])
         parts = {k: torch.cat([r[1][k] for r in results]) for k in results[0][1]}
-        return RolloutBatch(Trajectory.cat(trajs), rewards, parts, group_of[mine], prompts_all)
+        return RolloutBatch(Trajectory.cat(trajs), rewards, parts, group_of[mine], prompts_all, slots)
 
     def advantages(self, rb: RolloutBatch) -> tuple[Tensor, dict[str, float]]:
         all_r = all_gather_cat(rb.rewards, self.info)
@@ -271,6 +276,7 @@ class Trainer:
         n = rb.rewards.shape[0]
         adv = adv_all[self.info.rank * n:(self.info.rank + 1) * n]
         stats = group_stats(all_r, all_g)
+        self.prompt_sampler.update(rb.prompt_index[all_g], all_r, all_g)
         stats.update(reward_mean=float(all_r.mean()), reward_std=float(all_r.std(unbiased=False)))
         for k, v in rb.parts.items():
             stats[f"reward/{k}"] = float(all_gather_cat(v, self.info).mean())

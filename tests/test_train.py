@@ -64,15 +64,18 @@ def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
     assert validate(load_config(str(rd / "config.toml")), 1) is not None  # the saved config reloads
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path):
-    cfg, d = toy_cfg(tmp_path / "a", "--run.iterations", "4", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+@pytest.mark.parametrize("sampling", ["uniform", "signal"])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, sampling):
+    common = ("--train.lr", "1e-3", "--train.clip_range", "0.1", "--sample.prompt_sampling", sampling)
+    cfg, d = toy_cfg(tmp_path / "a", "--run.iterations", "4", *common)
     full = run(cfg, d)
 
-    cfg2, d2 = toy_cfg(tmp_path / "b", "--run.iterations", "2", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+    cfg2, d2 = toy_cfg(tmp_path / "b", "--run.iterations", "2", *common)
     run(cfg2, d2)
-    cfg3, d3 = toy_cfg(tmp_path / "b", "--run.iterations", "4", "--train.lr", "1e-3", "--train.clip_range", "0.1")
+    cfg3, d3 = toy_cfg(tmp_path / "b", "--run.iterations", "4", *common)
     resumed = run(cfg3, d3, resume="auto")
     assert resumed.iteration == 4
+    assert resumed.prompt_sampler.state_dict() == full.prompt_sampler.state_dict()
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     ema_a, ema_b = full.ema.state_dict(), resumed.ema.state_dict()
