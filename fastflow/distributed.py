@@ -6,6 +6,7 @@ Single-process runs (no torchrun) need none of it: every helper degrades to the 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,42 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun (or any launcher that sets its variables)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def cpu_threads() -> int:
+    """The CPU threads this process may use: OMP_NUM_THREADS when set, else the usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def launch_local(nproc: int, module: str, argv: list[str]) -> int:
+    """Run ``python -m module *argv`` as ``nproc`` ranks on this machine through torch's launcher
+    (torchrun --standalone: a free local port, gloo on CPUs), this process's CPU threads split
+    evenly between them. Returns the exit code; a failed rank is reported in one line (its own
+    traceback is above it). Ctrl-C / SIGTERM reach the ranks, which checkpoint and stop."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    threads = max(1, cpu_threads() // nproc)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each rank's torch at start-up
+    try:
+        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv])
+    except ChildFailedError as e:
+        rank, info = e.get_first_failure()  # the others were stopped because of it
+        print(f"fastflow: rank {rank} of {nproc} failed (exit code {info.exitcode}); see its error above",
+              file=sys.stderr)
+        return info.exitcode if isinstance(info.exitcode, int) and info.exitcode > 0 else 1
+    return 0
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:

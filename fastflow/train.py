@@ -38,8 +38,9 @@ from fastflow.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_
                                  optimizer_state_by_name, save_checkpoint, save_sharded_checkpoint)
 from fastflow.config import ConfigError, parse_cli, to_toml, validate
 from fastflow.data import Prompt, load_prompts
-from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str,
-                                  init_distributed, shutdown, world_size_from_env)
+from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str, cpu_threads,
+                                  init_distributed, launch_local, pick_device, shutdown, under_launcher,
+                                  world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
 from fastflow.logs import setup_logging
@@ -70,7 +71,7 @@ def generator(*parts: int) -> torch.Generator:
 
 
 # Stream ids keep the uses of (seed, iteration) apart.
-_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL = 1, 2, 3, 4, 5
+_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL, _GROUP_NOISE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -255,9 +256,16 @@ class Trainer:
                 texts = [p.text for p in prompts]
                 cond = self.policy.encode_prompts(texts)
                 seeds = torch.tensor([derive_seed(cfg.run.seed, it, _NOISE, int(i)) for i in batch])
+                latents = None
+                if s.shared_initial_noise:  # a group's images differ only by their SDE noise
+                    latents = torch.stack([
+                        torch.randn(tuple(self.policy.latent_shape), dtype=torch.float32,
+                                    generator=generator(cfg.run.seed, it, _GROUP_NOISE, int(group_of[i])))
+                        for i in batch]).to(self.device)
                 traj = self._sample(cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
                               noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
-                              prompt_ids=group_of[batch], autocast=self.autocast, device=self.device)
+                              prompt_ids=group_of[batch], latents=latents, autocast=self.autocast,
+                              device=self.device)
                 images = self.policy.decode(traj.final).float().cpu()
                 # score this batch while the next one samples
                 futures.append(self.reward_pool.submit(images, texts, [p.metadata for p in prompts]))
@@ -671,6 +679,25 @@ def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:
     return Path(path)
 
 
+def local_cpu_ranks(cfg) -> int:
+    """How many ranks a run started without torchrun on a CPU launches (``distributed.cpu_ranks``;
+    0 = the most, up to the CPU threads and 8, that the batch splits over). 1 under torchrun, on
+    a GPU, or for a single-process strategy."""
+    if under_launcher() or pick_device(cfg.run.device).type != "cpu" or cfg.distributed.strategy == "none":
+        return 1
+    if cfg.distributed.cpu_ranks:
+        if cfg.distributed.cpu_ranks > 1:
+            validate(cfg, cfg.distributed.cpu_ranks)  # a batch that does not split: one clear line
+        return cfg.distributed.cpu_ranks
+    for n in range(min(cpu_threads(), 8), 1, -1):
+        try:
+            validate(cfg, n)
+            return n
+        except ConfigError:
+            continue
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
@@ -679,12 +706,20 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(args.config), end="")
             return 0
         derived = validate(args.config, world_size_from_env())  # before anything heavy loads
+        ranks = local_cpu_ranks(args.config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastflow: {e}", file=sys.stderr)
         return 2
+    if ranks > 1:
+        return launch_local(ranks, "fastflow.train", list(sys.argv[1:] if argv is None else argv))
     info = init_distributed(args.config.run.device)
     try:
-        Trainer(args.config, derived, info, resume=args.resume).run()
+        try:
+            trainer = Trainer(args.config, derived, info, resume=args.resume)
+        except (ValueError, FileNotFoundError) as e:  # bad input found while loading (a prompt
+            print(f"fastflow: {e}", file=sys.stderr)   # outside the model's grammar, a checkpoint...)
+            return 2
+        trainer.run()
     finally:
         shutdown(info)
     return 0

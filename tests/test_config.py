@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fastflow import config as C
-from fastflow.config import (CliArgs, Config, ConfigError, Derived, config_to_dict, load_config, parse_cli,
-                             to_toml, validate)
+from fastflow.config import (SECTIONS, CliArgs, Config, ConfigError, Derived, _fields, config_to_dict,
+                             load_config, parse_cli, to_toml, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,19 +21,19 @@ SPEC_DEFAULTS = {
     "model": dict(kind="shapes", path="", dtype="float32", finetune="lora", lora_rank=16, lora_alpha=32.0,
                   lora_targets=[], resolution=512, shift=0.0, compile=False),
     "sample": dict(train_steps=8, eval_steps=20, guidance_scale=4.5, noise_level=0.7, kind="sde", group_size=8,
-                   prompts_per_iter=12, batch_size=16, window_size=2, window_start=0,
-                   cuda_graph=True, cuda_graph_mode="graph"),
+                   prompts_per_iter=12, batch_size=16, shared_initial_noise=True, prompt_sampling="uniform",
+                   prompt_floor=0.2, window_size=2, window_start=0, cuda_graph=True, cuda_graph_mode="graph"),
     "train": dict(optimizer="adamw", lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=1e-4, adam_eps=1e-8,
                   batch_size=16, optimizer_steps=1, beta=0.04, clip_range=1e-4, adv_clip=5.0, global_std=True,
                   timestep_fraction=1.0, max_grad_norm=1.0, inner_epochs=1, ema=True, ema_decay=0.9,
                   ema_every=1),
     "data": dict(train_prompts="", eval_prompts=""),
     "reward": dict(weights={"shapes": 1.0}, options={}),
-    "eval": dict(every=50, seeds=4, guidance_scale=0.0, batch_size=128, max_prompts=0),
+    "eval": dict(every=75, seeds=8, guidance_scale=0.0, batch_size=128, max_prompts=0),
     "log": dict(every=1, tensorboard=True, progress=True),
     "checkpoint": dict(every=50, keep=2),
     "distributed": dict(strategy="auto", cpu_offload=False, activation_checkpointing=False,
-                        reshard_after_forward=True),
+                        reshard_after_forward=True, cpu_ranks=0),
 }
 
 
@@ -588,3 +588,14 @@ def test_cps_with_kl_must_not_train_the_noiseless_last_step():
 
 def test_shapes_config_is_the_embedded_default():
     assert load_config(str(ROOT / "configs" / "shapes.toml")) == Config()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
+def test_every_shipped_config_spells_out_every_key(name):
+    """A key a shipped config leaves out takes the built-in default, which is the shapes run on a
+    CPU (a 15-minute budget, a 2-step SDE window...): every shipped file sets every key."""
+    import tomllib
+
+    raw = tomllib.loads((ROOT / "configs" / name).read_text(encoding="utf-8"))
+    missing = [f"{s}.{k}" for s in SECTIONS for k in _fields(s) if k not in raw.get(s, {})]
+    assert not missing, f"configs/{name} leaves out {missing}"

@@ -257,6 +257,11 @@ def test_paper_configs_load_and_split_over_any_gpu_count(name, tmp_path):
     assert (cfg.sample.group_size, cfg.sample.prompts_per_iter, cfg.sample.batch_size) == (24, 48, p["batch"])
     assert (cfg.train.beta, cfg.train.clip_range, cfg.train.lr) == (p["beta"], 1e-4, 3e-4)
     assert cfg.train.global_std and cfg.train.ema
+    assert (cfg.train.timestep_fraction, cfg.train.ema_every) == (0.99, 8)
+    # the paper's sampler, not the shapes defaults: every step SDE and trained, independent initial
+    # noises, uniform prompts, no wall-clock budget
+    assert (cfg.sample.window_size, cfg.sample.shared_initial_noise, cfg.sample.prompt_sampling) == (0, False, "uniform")
+    assert cfg.run.max_minutes == 0
     assert list(cfg.reward.weights) == [name.removeprefix("flux_")]
     # the prompt files are user-supplied: stand-ins of the right suffix for validation
     for key in ("train_prompts", "eval_prompts"):

@@ -163,3 +163,52 @@ def test_group_diversity_is_the_mean_pairwise_pixel_distance():
     big.add(0, torch.zeros(3, 32, 32))
     big.add(0, torch.ones(3, 32, 32))
     assert big.totals().tolist() == [1.0, 1.0]  # pooling keeps the mean difference
+
+
+def test_local_cpu_ranks_auto_explicit_and_ignored(monkeypatch):
+    cfg, _ = toy_cfg("/tmp/unused")  # 12 images per iteration, rollout batch 6
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 8)
+    assert train_mod.local_cpu_ranks(cfg) == 2          # 12 images split into batches of 6: 2 ranks at most
+    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 1)
+    assert train_mod.local_cpu_ranks(cfg) == 1
+    cfg.distributed.cpu_ranks = 1
+    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 8)
+    assert train_mod.local_cpu_ranks(cfg) == 1
+    cfg.distributed.cpu_ranks = 4                       # 12 images do not split into 4 ranks of batch 6
+    with pytest.raises(train_mod.ConfigError, match="rank"):
+        train_mod.local_cpu_ranks(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")               # already under torchrun: never relaunch
+    monkeypatch.setenv("RANK", "0")
+    assert train_mod.local_cpu_ranks(cfg) == 1
+
+
+def test_cli_launches_local_ranks_and_reports_a_failed_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "-m", "fastflow.train", "--model.kind", "toy", "--reward.weights", "{toy_color=1.0}",
+            "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "6",
+            "--train.batch_size", "6", "--sample.train_steps", "4", "--sample.window_size", "0",
+            "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1", "--log.progress", "false",
+            "--run.output_dir", str(tmp_path), "--distributed.cpu_ranks", "2", "--log.tensorboard", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    r = subprocess.run(base + ["--run.name", "two"], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fastflow: 2 ranks" in r.stderr
+    assert "category" in r.stdout and (tmp_path / "two" / "metrics.jsonl").is_file()
+    assert "view tensor" not in r.stderr  # the toy net returns no view (FSDP2 warns about those)
+    # a rank that fails on bad input found while loading (a checkpoint that is not one) -> its one
+    # line, then the launcher's one line naming it, exit != 0
+    (tmp_path / "junk").mkdir()
+    r = subprocess.run(base + ["--run.name", "bad", "--resume", str(tmp_path / "junk")], cwd=root,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    assert "fastflow: rank 0 of 2 failed (exit code 2)" in r.stderr or "fastflow: rank 1 of 2 failed (exit code 2)" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]

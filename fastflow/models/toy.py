@@ -42,7 +42,8 @@ class ToyVelocityNet(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, token: Tensor) -> Tensor:
         h = torch.cat([x.flatten(1), self.embed(token), sigma[:, None].to(x.dtype)], dim=1)
-        return self.net(h).view_as(x)
+        # reshape, not view: FSDP2 warns about (and may mishandle) a root module returning a view
+        return self.net(h).reshape(x.shape).clone()
 
 
 class ToyPolicy:
