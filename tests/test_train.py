@@ -212,3 +212,19 @@ def test_cli_launches_local_ranks_and_reports_a_failed_rank(tmp_path):
     assert r.returncode != 0
     assert "fastflow: rank 0 of 2 failed (exit code 2)" in r.stderr or "fastflow: rank 1 of 2 failed (exit code 2)" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_initial_noise_starts_each_group_from_one_noise(tmp_path, shared):
+    cfg, d = toy_cfg(tmp_path, "--sample.shared_initial_noise", str(shared).lower())
+    t = train_mod.Trainer(cfg, d, SOLO)
+    rb = t.rollout(0)
+    x0 = rb.traj.latents[:, 0]          # window_size 0: step 0 is recorded, its input is the initial noise
+    nxt = rb.traj.next_latents[:, 0]
+    for g in rb.group_ids.unique():
+        idx = (rb.group_ids == g).nonzero().flatten()
+        same = all(torch.equal(x0[idx[0]], x0[i]) for i in idx[1:])
+        assert same == shared
+        assert not torch.equal(nxt[idx[0]], nxt[idx[1]])   # the SDE noise still differs per image
+    firsts = [x0[(rb.group_ids == g).nonzero()[0, 0]] for g in rb.group_ids.unique()]
+    assert not torch.equal(firsts[0], firsts[1])              # and groups start apart
