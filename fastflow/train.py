@@ -93,6 +93,7 @@ class Trainer:
         # rank 0 picks the directory (it may be a fresh "-N" name) and tells the others
         self.run_dir = Path(broadcast_str(str(self._run_dir(resume)) if info.is_main else "", info))
         self.stop_requested = False
+        self.budget_spent = False  # run.max_minutes reached (the run ends with its final evaluation)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
@@ -469,12 +470,12 @@ class Trainer:
             if cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
                 self.save()
             if cfg.run.max_minutes and (time.perf_counter() - t_start) / 60 > cfg.run.max_minutes:
-                if info.is_main:
-                    print(f"\nfastflow: run.max_minutes={cfg.run.max_minutes} reached at iteration "
-                          f"{self.iteration}; stopping", file=sys.stderr)
-                break
+                self.budget_spent = True  # acted on by all ranks together at the top of the loop
         if bar is not None:
             bar.close()
+        if self.budget_spent and info.is_main:
+            print(f"\nfastflow: run.max_minutes={cfg.run.max_minutes} reached at iteration "
+                  f"{self.iteration}; stopping", file=sys.stderr)
         self.save()
         final = {}
         if not self.stop_requested:
@@ -497,14 +498,14 @@ class Trainer:
         return final
 
     def _agreed_stop(self) -> bool:
-        """Stop when any rank was asked to (ranks may see a signal at different iterations; all must
-        leave the loop together or the next collective would hang)."""
-        if not self.info.enabled:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)])
-        all_reduce_sum_(flag, self.info)
-        self.stop_requested = bool(flag.item() > 0)
-        return self.stop_requested
+        """Stop when any rank was asked to or found the time budget spent (ranks see a signal, or
+        their clocks cross run.max_minutes, at different iterations; all must leave the loop
+        together or the next collective would hang)."""
+        if self.info.enabled:
+            flags = torch.tensor([float(self.stop_requested), float(self.budget_spent)])
+            all_reduce_sum_(flags, self.info)
+            self.stop_requested, self.budget_spent = bool(flags[0] > 0), bool(flags[1] > 0)
+        return self.stop_requested or self.budget_spent
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):

@@ -4,6 +4,8 @@
 
 MODE train:   a full training run (like ``python -m fastflow.train``, ``--resume`` accepted), then
               every rank writes its full trainable and EMA weights to OUT/rank{R}.safetensors.
+MODE budget:  a run in which rank 1's clock crosses run.max_minutes after iteration 1 (rank 0's
+              never does); every rank writes the iteration it stopped at.
 MODE rollout: one rollout + advantages of iteration 0; every rank writes its initial noise,
               group ids, rewards, advantages and the gathered rewards/groups to OUT/rank{R}.safetensors.
 """
@@ -38,6 +40,16 @@ def main() -> int:
             if t.ema is not None:
                 tensors.update({f"ema.{n}": parallel.full(v).clone() for n, v in t.ema.shadow.items()})
             tensors["iteration"] = torch.tensor(t.iteration)
+        elif mode == "budget":
+            if info.rank == 1:  # this rank's clock jumps past run.max_minutes after iteration 1
+                import types
+
+                import fastflow.train as train_mod
+                real = train_mod.time.perf_counter
+                train_mod.time = types.SimpleNamespace(
+                    perf_counter=lambda: real() + (1e6 if t.iteration >= 1 else 0.0))
+            final = t.run()
+            tensors = {"iteration": torch.tensor(t.iteration), "final_eval": torch.tensor(int(bool(final)))}
         elif mode == "rollout":
             rb = t.rollout(0)
             adv, _ = t.advantages(rb)
@@ -45,7 +57,7 @@ def main() -> int:
                        "rewards": rb.rewards.contiguous(), "adv": adv.contiguous(),
                        "all_rewards": all_gather_cat(rb.rewards, info), "all_groups": all_gather_cat(rb.group_ids, info)}
         else:
-            raise SystemExit(f"dist_worker: unknown mode {mode!r}; known: train, rollout")
+            raise SystemExit(f"dist_worker: unknown mode {mode!r}; known: train, budget, rollout")
         tensors["strategy_fsdp"] = torch.tensor(int(t.strategy == "fsdp"))
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / f"rank{info.rank}.safetensors"))

@@ -233,3 +233,13 @@ def test_sigkill_mid_run_loses_only_the_inflight_iteration(tmp_path):
     its = [json.loads(l)["iteration"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()
            if "reward_mean" in l]
     assert its == list(range(1, int(iters) + 1))  # each iteration logged once, none lost
+
+
+def test_ranks_leave_together_when_one_clock_crosses_the_time_budget(tmp_path):
+    """run.max_minutes is checked on each rank's own clock; a rank that stopped alone would leave
+    the others waiting in the next collective. Rank 1's clock jumps past the budget after iteration
+    1: both ranks must stop there and run the final evaluation together."""
+    ranks = launch("budget", tmp_path / "dump", toy_args(tmp_path / "run", "--run.max_minutes", "5",
+                                                         "--run.iterations", "6", "--eval.every", "100"))
+    assert [int(r["iteration"]) for r in ranks] == [1, 1]
+    assert all(int(r["final_eval"]) == 1 for r in ranks)
