@@ -6,7 +6,7 @@ MODE train:   a full training run (like ``python -m fastflow.train``, ``--resume
               every rank writes its full trainable and EMA weights to OUT/rank{R}.safetensors.
 MODE budget:  a run in which rank 1's clock crosses run.max_minutes after iteration 1 (rank 0's
               never does); every rank writes the iteration it stopped at.
-MODE rollout: one rollout + advantages of iteration 0; every rank writes its initial noise,
+MODE rollout: one rollout + advantages of iteration 0; every rank writes its initial noise, first SDE step,
               group ids, rewards, advantages and the gathered rewards/groups to OUT/rank{R}.safetensors.
 """
 
@@ -53,7 +53,8 @@ def main() -> int:
         elif mode == "rollout":
             rb = t.rollout(0)
             adv, _ = t.advantages(rb)
-            tensors = {"noise": rb.traj.latents[:, 0].contiguous(), "groups": rb.group_ids.contiguous(),
+            tensors = {"noise": rb.traj.latents[:, 0].contiguous(), "next": rb.traj.next_latents[:, 0].contiguous(),
+                       "groups": rb.group_ids.contiguous(),
                        "rewards": rb.rewards.contiguous(), "adv": adv.contiguous(),
                        "all_rewards": all_gather_cat(rb.rewards, info), "all_groups": all_gather_cat(rb.group_ids, info)}
         else:

@@ -136,17 +136,27 @@ def test_fsdp_adamw8bit_sharded_checkpoint_resumes_at_two_and_one_rank(tmp_path)
     assert_close_8bit({f"w.{n}": w for n, w in weights(t).items()}, full[0])
 
 
-def test_noise_is_distinct_per_sample_and_groups_span_ranks(tmp_path):
-    dumps = launch("rollout", tmp_path / "dump", toy_args(tmp_path / "dist"))
+@pytest.mark.parametrize("shared", [False, True], ids=["own_noise", "shared_group_noise"])
+def test_noise_is_distinct_per_sample_and_groups_span_ranks(tmp_path, shared):
+    flag = ("--sample.shared_initial_noise", str(shared).lower())
+    dumps = launch("rollout", tmp_path / "dump", toy_args(tmp_path / "dist", *flag))
     noise = torch.cat([d["noise"] for d in dumps]).flatten(1)
+    nxt = torch.cat([d["next"] for d in dumps]).flatten(1)
     groups = torch.cat([d["groups"] for d in dumps])
     rewards = torch.cat([d["rewards"] for d in dumps])
     assert noise.shape[0] == 12
-    # no two samples share initial noise, in particular not two samples of one group on two ranks
-    dist = torch.cdist(noise, noise) + torch.eye(12) * 1e9
-    assert float(dist.min()) > 1.0
     spanning = set(dumps[0]["groups"].tolist()) & set(dumps[1]["groups"].tolist())
     assert spanning, "no group spans both ranks; the test would not test gathering"
+    # the SDE noise of every sample is its own, also for two samples of one group on two ranks
+    assert float((torch.cdist(nxt, nxt) + torch.eye(12) * 1e9).min()) > 1.0
+    if shared:  # one initial noise per group, whichever rank holds its samples; groups start apart
+        for g in groups.unique():
+            rows = noise[groups == g]
+            assert all(torch.equal(rows[0], r) for r in rows[1:])
+        firsts = torch.stack([noise[groups == g][0] for g in groups.unique()])
+        assert float((torch.cdist(firsts, firsts) + torch.eye(len(firsts)) * 1e9).min()) > 1.0
+    else:  # no two samples share initial noise
+        assert float((torch.cdist(noise, noise) + torch.eye(12) * 1e9).min()) > 1.0
     # both ranks gathered every rank's rewards and groups, in rank order, and normalised by them
     for d in dumps:
         assert torch.equal(d["all_rewards"], rewards) and torch.equal(d["all_groups"], groups)
@@ -156,12 +166,14 @@ def test_noise_is_distinct_per_sample_and_groups_span_ranks(tmp_path):
     assert all(abs(float(v.sum())) < 1e-4 for v in per_group.values())  # zero mean within each group
 
     # the same samples at 1 rank: identical noise for the same (iteration, global index)
-    t = solo(tmp_path / "solo")
+    t = solo(tmp_path / "solo", *flag)
     rb = t.rollout(0)
     solo_noise = rb.traj.latents[:, 0].flatten(1)
+    solo_next = rb.traj.next_latents[:, 0].flatten(1)
     for i in range(12):
-        match = [j for j in range(12) if torch.equal(solo_noise[j], noise[i])]
+        match = [j for j in range(12) if torch.equal(solo_next[j], nxt[i])]
         assert len(match) == 1 and int(rb.group_ids[match[0]]) == int(groups[i]), i
+        assert torch.equal(solo_noise[match[0]], noise[i])
         torch.testing.assert_close(rb.rewards[match[0]], rewards[i], atol=1e-5, rtol=0)
 
 
