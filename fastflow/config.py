@@ -120,10 +120,12 @@ class SampleConfig:
                                             "most useful with a short SDE window). false = a different noise "
                                             "per image, as the paper's scripts.")
     prompt_sampling: str = opt("uniform", "Which training prompts an iteration rolls out: uniform (distinct, "
-                                          "equally likely, as the authors' scripts) or signal (in proportion to "
+                                          "equally likely, as the authors' scripts), category (every category "
+                                          "equally often: a prompt weighs 1 / its category's size; for "
+                                          "benchmarks scored as a mean over categories) or signal (in proportion to "
                                           "the within-group reward std of each prompt's recent groups, so "
                                           "fewer rollouts land in all-equal groups that carry no gradient; "
-                                          "fastflow.prompt_sampler).", choices=("uniform", "signal"))
+                                          "fastflow.prompt_sampler).", choices=("uniform", "category", "signal"))
     prompt_floor: float = opt(0.2, "signal sampling: every prompt's weight gets this fraction of the mean "
                                    "weight added, so prompts that looked solved or hopeless keep being "
                                    "tried; >= 0.")

@@ -2,6 +2,11 @@
 
 ``uniform`` draws ``prompts_per_iter`` distinct prompts, each equally likely (the authors' scripts).
 
+``category`` draws every category equally often: each prompt is weighted by one over the number of
+prompts in its category (the dataset's "category"/"tag" metadata, else the policy's own labels, as
+the evaluation groups them). A benchmark that reports the mean over categories (GenEval) weighs a
+category of 3 prompts as much as one of 36; uniform sampling would spend most rollouts on the big one.
+
 ``signal`` spends the rollouts where GRPO can learn: a group whose rewards are all equal (a prompt
 the model always or never gets right) has zero advantage everywhere and no gradient, so its images
 are wasted compute. Each prompt keeps a running mean of the within-group reward std its past groups
@@ -18,14 +23,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MODES = ("uniform", "signal")
+MODES = ("uniform", "category", "signal")
 DECAY = 0.5
 """Weight of a new observation in a prompt's running std. Each prompt is seen every few
 iterations and the policy drifts meanwhile: recent groups matter more than old ones."""
 
 
 class PromptSampler:
-    def __init__(self, num_prompts: int, mode: str = "uniform", floor: float = 0.2):
+    def __init__(self, num_prompts: int, mode: str = "uniform", floor: float = 0.2,
+                 categories: list[str] | None = None):
         if mode not in MODES:
             raise ValueError(f"sample.prompt_sampling: unknown mode {mode!r}; known: {', '.join(MODES)}")
         if num_prompts < 1:
@@ -33,12 +39,21 @@ class PromptSampler:
         if floor < 0:
             raise ValueError(f"sample.prompt_floor must be >= 0, got {floor}")
         self.mode, self.floor = mode, float(floor)
+        if mode == "category":
+            if categories is None or len(categories) != num_prompts:
+                raise ValueError("sample.prompt_sampling = category needs one category per training prompt")
+            count: dict[str, int] = {}
+            for c in categories:
+                count[c] = count.get(c, 0) + 1
+            self.category_weight = torch.tensor([1.0 / count[c] for c in categories], dtype=torch.float64)
         self.signal = torch.full((num_prompts,), float("nan"), dtype=torch.float64)  # nan = not seen
 
     def weights(self) -> Tensor:
         """Unnormalised draw weight of every prompt (all ones for ``uniform``)."""
         if self.mode == "uniform":
             return torch.ones_like(self.signal)
+        if self.mode == "category":
+            return self.category_weight.clone()
         seen = ~torch.isnan(self.signal)
         if not seen.any():
             return torch.ones_like(self.signal)

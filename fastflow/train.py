@@ -110,8 +110,9 @@ class Trainer:
         self.reward = WeightedReward(cfg.reward.weights, "cpu", cfg.reward.options)
         self.reward_pool = AsyncReward(self.reward)  # scores batch k while batch k+1 samples
         self.train_prompts = load_prompt_split(cfg, self.policy, "train")
-        self.prompt_sampler = PromptSampler(len(self.train_prompts), cfg.sample.prompt_sampling,
-                                            cfg.sample.prompt_floor)
+        self.prompt_sampler = PromptSampler(
+            len(self.train_prompts), cfg.sample.prompt_sampling, cfg.sample.prompt_floor,
+            categories=[prompt_category(self.policy, p) for p in self.train_prompts])
         self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
         if cfg.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]

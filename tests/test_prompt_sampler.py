@@ -19,6 +19,23 @@ def test_uniform_is_the_plain_random_permutation():
     assert more.shape == (25,) and int(more.max()) < 10
 
 
+def test_category_draws_every_category_equally_often():
+    cats = ["big"] * 9 + ["small"]                 # 9 prompts of one category, 1 of another
+    s = PromptSampler(10, "category", categories=cats)
+    torch.testing.assert_close(s.weights(), torch.tensor([1 / 9] * 9 + [1.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(10)
+    for _ in range(4000):
+        counts[s.draw(1, g)] += 1
+    assert abs(counts[9] / 4000 - 0.5) < 0.03      # the lone prompt: half of all draws (uniform: 1/10)
+    assert counts[:9].min() > 0.5 * counts[:9].mean()  # within a category: uniform
+    s.update(torch.tensor([9, 9]), torch.tensor([0.0, 1.0]), torch.tensor([0, 0]))
+    torch.testing.assert_close(s.weights()[9], torch.tensor(1.0, dtype=torch.float64))  # rewards don't matter
+    assert sorted(s.draw(10, g).tolist()) == list(range(10))  # distinct when there are enough
+    with pytest.raises(ValueError, match="one category per training prompt"):
+        PromptSampler(10, "category")
+
+
 def test_signal_prefers_prompts_whose_groups_disagree():
     s = PromptSampler(4, "signal", floor=0.2)
     assert torch.equal(s.weights(), torch.ones(4))  # nothing seen yet: uniform
@@ -63,3 +80,18 @@ def test_state_round_trip_and_errors():
         PromptSampler(3, "sometimes")
     with pytest.raises(ValueError, match="prompt_floor"):
         PromptSampler(3, "signal", floor=-1)
+
+
+def test_trainer_weights_the_shapes_categories_by_their_size(tmp_path):
+    from fastflow import train as train_mod
+    from fastflow.config import load_config, validate
+    from fastflow.distributed import DistInfo
+    from fastflow.shapes.world import category_of
+
+    cfg = load_config(None, ["--sample.prompt_sampling", "category", "--run.output_dir", str(tmp_path),
+                             "--log.tensorboard", "false", "--distributed.cpu_ranks", "1"])
+    t = train_mod.Trainer(cfg, validate(cfg, 1), DistInfo(0, 1, 0, torch.device("cpu")))
+    cats = [category_of(p.text) for p in t.train_prompts]
+    w = t.prompt_sampler.weights()
+    per_cat = {c: float(sum(w[i] for i in range(len(cats)) if cats[i] == c)) for c in set(cats)}
+    assert len(per_cat) == 6 and all(abs(v - 1.0) < 1e-9 for v in per_cat.values()), per_cat

@@ -64,7 +64,7 @@ def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
     assert validate(load_config(str(rd / "config.toml")), 1) is not None  # the saved config reloads
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "signal"])
+@pytest.mark.parametrize("sampling", ["uniform", "category", "signal"])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, sampling):
     common = ("--train.lr", "1e-3", "--train.clip_range", "0.1", "--sample.prompt_sampling", sampling)
     cfg, d = toy_cfg(tmp_path / "a", "--run.iterations", "4", *common)
