@@ -40,13 +40,15 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     a = ap.parse_args()
     info = init_distributed("cpu")
+    finished = False
     try:
         rows = {o: measure(a.hidden, o, info) for o in ("adamw", "adamw8bit")}
         if info.is_main:
             print(json.dumps({"world_size": info.world_size, "sharding": "fsdp2" if info.enabled else "none",
                               "hidden": a.hidden, "bytes_per_rank": rows}, indent=1))
+        finished = True
     finally:
-        shutdown(info)
+        shutdown(info, finished)
 
 
 if __name__ == "__main__":

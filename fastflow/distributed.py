@@ -126,8 +126,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, finished: bool = False) -> None:
+    """Tear the process group down. ``finished`` (every rank got to the end): a barrier first, so no
+    rank destroys its group while a peer still has a collective in flight (seen once as an abort,
+    "terminate called without an active exception", at exit of a finished gloo run). Error paths
+    skip the barrier: a peer may never arrive."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

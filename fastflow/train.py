@@ -715,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     if ranks > 1:
         return launch_local(ranks, "fastflow.train", list(sys.argv[1:] if argv is None else argv))
     info = init_distributed(args.config.run.device)
+    finished = False
     try:
         try:
             trainer = Trainer(args.config, derived, info, resume=args.resume)
@@ -722,8 +723,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastflow: {e}", file=sys.stderr)   # outside the model's grammar, a checkpoint...)
             return 2
         trainer.run()
+        finished = True
     finally:
-        shutdown(info)
+        shutdown(info, finished)
     return 0
 
 

@@ -31,6 +31,7 @@ def main() -> int:
     args = parse_cli(argv)
     derived = validate(args.config, world_size_from_env())
     info = init_distributed(args.config.run.device)
+    finished = False
     try:
         t = Trainer(args.config, derived, info, resume=args.resume)
         if mode == "train":
@@ -62,8 +63,9 @@ def main() -> int:
         tensors["strategy_fsdp"] = torch.tensor(int(t.strategy == "fsdp"))
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(out / f"rank{info.rank}.safetensors"))
+        finished = True
     finally:
-        shutdown(info)
+        shutdown(info, finished)
     return 0
 
 
