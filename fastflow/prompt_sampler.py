@@ -20,6 +20,8 @@ same sequence.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import Tensor
 
@@ -42,9 +44,7 @@ class PromptSampler:
         if mode == "category":
             if categories is None or len(categories) != num_prompts:
                 raise ValueError("sample.prompt_sampling = category needs one category per training prompt")
-            count: dict[str, int] = {}
-            for c in categories:
-                count[c] = count.get(c, 0) + 1
+            count = Counter(categories)
             self.category_weight = torch.tensor([1.0 / count[c] for c in categories], dtype=torch.float64)
         self.signal = torch.full((num_prompts,), float("nan"), dtype=torch.float64)  # nan = not seen
 

@@ -112,7 +112,8 @@ class Trainer:
         self.train_prompts = load_prompt_split(cfg, self.policy, "train")
         self.prompt_sampler = PromptSampler(
             len(self.train_prompts), cfg.sample.prompt_sampling, cfg.sample.prompt_floor,
-            categories=[prompt_category(self.policy, p) for p in self.train_prompts])
+            categories=([prompt_category(self.policy, p) for p in self.train_prompts]
+                        if cfg.sample.prompt_sampling == "category" else None))  # only category mode reads them
         self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
         if cfg.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
