@@ -95,7 +95,9 @@ class ModelConfig:
     resolution: int = opt(512, "Image side in pixels for sd3/flux (a multiple of 16); the toy and shapes "
                                "models have a fixed size.")
     shift: float = opt(0.0, "Time-grid shift of the flow sigmas; 0 = the model's default.")
-    compile: bool = opt(False, "torch.compile the denoiser.")
+    compile: bool = opt(False, "torch.compile the denoiser (sd3/flux: the transformer and its frozen "
+                               "copy; shapes: text encoder and UNet of the trained, reference and "
+                               "sampling copies, which ran 0.9x on a one-thread CPU, so off there).")
 
 
 @dataclass

@@ -267,3 +267,19 @@ def test_sampling_context_merges_lora_and_rollouts_reproduce_in_training(tiny_we
     v2 = pol.velocity(x, s, cond, guidance_scale=4.5).combine().detach()
     with pol.sampling():
         torch.testing.assert_close(pol.velocity(x, s, cond, guidance_scale=4.5).combine(), v2, atol=1e-4, rtol=1e-4)
+
+
+def test_model_compile_compiles_every_network_the_policy_runs(tiny_weights):
+    """model.compile = true reaches the shapes model: the trained network, the frozen reference and
+    the merged sampling copy run compiled, and give what the eager policy gives."""
+    eager = build_policy(make_cfg(tiny_weights), "cpu")
+    pol = build_policy(make_cfg(tiny_weights, compile=True), "cpu")
+    assert not eager.model.unet._compiled_call_impl
+    cond = pol.encode_prompts(["a red circle left of a blue square", "two green triangles"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([0.9, 0.4])
+    with torch.no_grad(), pol.sampling(), eager.sampling():
+        v = pol.velocity(x, s, cond, guidance_scale=1.0)
+        torch.testing.assert_close(v, eager.velocity(x, s, cond, guidance_scale=1.0), atol=1e-4, rtol=1e-4)
+        nets = [pol.model, pol._ref_model, pol._active]
+    assert all(n.text._compiled_call_impl is not None and n.unet._compiled_call_impl is not None for n in nets)
