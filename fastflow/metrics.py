@@ -77,6 +77,25 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def moving_average_window(n: int) -> int:
+    """The smoothing window for n train points: about 1/20 of the run, 1 (none) for short runs."""
+    return max(1, min(n // 20, 100)) if n >= 40 else 1
+
+
+def moving_average(values, window: int) -> list[float]:
+    """Trailing means over ``window`` consecutive values (``len(values) - window + 1`` of them)."""
+    if window < 1 or window > len(values):
+        raise ValueError(f"moving_average: window {window} must be in 1..{len(values)}")
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += float(v)
+        if i >= window:
+            acc -= float(values[i - window])
+        if i >= window - 1:
+            out.append(acc / window)
+    return out
+
+
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     """Reward (train) and eval metrics over iterations, one PNG."""
     rows = read_metrics(metrics_path)
@@ -90,7 +109,12 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.startswith("eval/time")})
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train reward (mean)", color="tab:blue", alpha=0.7)
+        its, rewards = zip(*train)
+        ax.plot(its, rewards, label="train reward (mean)", color="tab:blue", alpha=0.3, linewidth=0.8)
+        window = moving_average_window(len(rewards))
+        if window > 1:  # one iteration's reward is noisy (a dozen groups): show the trend over it
+            ax.plot(its[window - 1:], moving_average(rewards, window), color="tab:blue",
+                    label=f"train reward ({window}-iteration moving average)")
     for k in eval_keys:
         pts = [(r["iteration"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
         if pts and ("overall" in k or "category_mean" in k or k.endswith("reward")):
