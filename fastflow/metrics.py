@@ -86,14 +86,9 @@ def moving_average(values, window: int) -> list[float]:
     """Trailing means over ``window`` consecutive values (``len(values) - window + 1`` of them)."""
     if window < 1 or window > len(values):
         raise ValueError(f"moving_average: window {window} must be in 1..{len(values)}")
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += float(v)
-        if i >= window:
-            acc -= float(values[i - window])
-        if i >= window - 1:
-            out.append(acc / window)
-    return out
+    import numpy as np
+    csum = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
+    return ((csum[window:] - csum[:-window]) / window).tolist()
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
