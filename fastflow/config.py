@@ -147,7 +147,14 @@ class TrainConfig:
     """The GRPO update: optimizer, batching, loss terms, EMA."""
 
     optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes).", choices=("adamw", "adamw8bit"))
-    lr: float = opt(1e-3, "Learning rate (> 0).")
+    lr: float = opt(1e-3, "Learning rate (> 0): the peak of the schedule.")
+    lr_schedule: str = opt("constant", "After the warmup: constant (the public code's way), or decay to "
+                                       "lr * lr_min_ratio by the run's last optimizer step (run.iterations "
+                                       "x optimizer steps per iteration), linearly or along half a cosine. "
+                                       "A run stopped early by run.max_minutes stops part-way down.",
+                           choices=("constant", "linear", "cosine"))
+    lr_warmup: int = opt(0, "Optimizer steps of linear warmup to lr (>= 0); 0 = none.")
+    lr_min_ratio: float = opt(0.1, "The decaying schedules' final lr as a fraction of lr, in [0, 1].")
     beta1: float = opt(0.9, "Adam beta1, in [0, 1).")
     beta2: float = opt(0.999, "Adam beta2, in [0, 1).")
     weight_decay: float = opt(1e-4, "Decoupled weight decay (>= 0).")
@@ -197,6 +204,8 @@ class EvalConfig:
 
     every: int = opt(75, "Evaluate every this many iterations; 0 = only at the end.")
     seeds: int = opt(8, "Images per eval prompt (fixed seeds).")
+    seed: int = opt(0, "Seed of the evaluation noise, independent of run.seed: runs with different "
+                       "seeds are evaluated on the same images, so their numbers compare directly.")
     guidance_scale: float = opt(0.0, "Guidance weight at evaluation; 0 = sample.guidance_scale.")
     batch_size: int = opt(128, "Per-rank evaluation batch.")
     max_prompts: int = opt(0, "Evaluate at most this many prompts; 0 = all.")
@@ -751,6 +760,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
          f"(sample.train_steps - sample.window_size)")
 
     need(train.lr > 0, f"train.lr ({train.lr}) must be > 0")
+    need(train.lr_warmup >= 0, f"train.lr_warmup ({train.lr_warmup}) must be >= 0")
+    need(0 <= train.lr_min_ratio <= 1, f"train.lr_min_ratio ({train.lr_min_ratio}) must be in [0, 1]")
     need(0 <= train.beta1 < 1, f"train.beta1 ({train.beta1}) must be in [0, 1)")
     need(0 <= train.beta2 < 1, f"train.beta2 ({train.beta2}) must be in [0, 1)")
     need(train.weight_decay >= 0, f"train.weight_decay ({train.weight_decay}) must be >= 0")
@@ -772,6 +783,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     ev = cfg.eval
     need(ev.every >= 0, f"eval.every ({ev.every}) must be >= 0 (0 = only at the end)")
     need(ev.seeds >= 1, f"eval.seeds ({ev.seeds}) must be >= 1")
+    need(ev.seed >= 0, f"eval.seed ({ev.seed}) must be >= 0")
     need(ev.guidance_scale >= 0, f"eval.guidance_scale ({ev.guidance_scale}) must be >= 0 "
                                  f"(0 = sample.guidance_scale)")
     need(ev.batch_size >= 1, f"eval.batch_size ({ev.batch_size}) must be >= 1")

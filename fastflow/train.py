@@ -44,6 +44,7 @@ from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, bro
 from fastflow import parallel
 from fastflow.ema import EMA
 from fastflow.logs import setup_logging
+from fastflow.lr_schedule import lr_at
 from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, plot_curves
@@ -341,6 +342,7 @@ class Trainer:
                         grad_norms.append(gn)
         out = {k: (v if k in ("ratio_min", "ratio_max") else v / max(counts, 1)) for k, v in sums.items()}
         out.update(skipped_steps=skipped, optimizer_steps=self.optimizer_steps,
+                   lr=float(self.optimizer.param_groups[0]["lr"]),  # the last step's
                    grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"))
         return out
 
@@ -354,12 +356,23 @@ class Trainer:
             log.warning("iteration %d: non-finite gradient norm; optimizer step skipped", it)
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        lr = self.lr_now()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.on_optimizer_step()
         return float(gn)
+
+    def lr_now(self) -> float:
+        """train.lr under train.lr_schedule at the next optimizer step (restored on resume with
+        the step count, so a resumed run continues the schedule)."""
+        t = self.cfg.train
+        return lr_at(self.optimizer_steps, lr=t.lr, kind=t.lr_schedule, warmup=t.lr_warmup,
+                     min_ratio=t.lr_min_ratio,
+                     total_steps=self.cfg.run.iterations * self.derived.optimizer_steps_per_iter)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -382,7 +395,7 @@ class Trainer:
                 texts = [p.text for p in prompts]
                 metas = [p.metadata for p in prompts]
                 cond = self.policy.encode_prompts(texts)
-                seeds = torch.tensor([derive_seed(cfg.run.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
+                seeds = torch.tensor([derive_seed(cfg.eval.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
                 traj = self._sample(cond, num_steps=cfg.sample.eval_steps,
                               guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
                               kind="ode", seeds=seeds, autocast=self.autocast, device=self.device)

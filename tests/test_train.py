@@ -9,6 +9,7 @@ from fastflow import train as train_mod
 from fastflow.checkpoint import latest_checkpoint, load_checkpoint
 from fastflow.config import load_config, validate
 from fastflow.distributed import DistInfo
+from fastflow.lr_schedule import lr_at
 
 SOLO = DistInfo(0, 1, 0, torch.device("cpu"))
 
@@ -85,6 +86,56 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, sampl
     assert first.keys() == a.keys()
     fresh = train_mod.Trainer(cfg, d, SOLO)
     assert any(not torch.equal(fresh.params[n], a[n]) for n in a)
+
+
+SCHEDULE = ("--train.lr", "1e-3", "--train.clip_range", "0.1", "--train.optimizer_steps", "2",
+            "--train.lr_schedule", "cosine", "--train.lr_warmup", "2", "--train.lr_min_ratio", "0.1")
+
+
+def test_lr_schedule_is_logged_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    cfg, d = toy_cfg(tmp_path / "a", *SCHEDULE)
+    full = run(cfg, d)
+    rows = [json.loads(l) for l in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["lr"] for r in rows if "lr" in r]
+    # 4 iterations x 2 optimizer steps: the logged lr is each iteration's last step's
+    expected = [lr_at(s, lr=1e-3, total_steps=8, kind="cosine", warmup=2, min_ratio=0.1) for s in (1, 3, 5, 7)]
+    assert logged == pytest.approx(expected)
+    assert logged[-1] == pytest.approx(1e-4)
+
+    # the same run, stopped (as by a signal) after iteration 2 and resumed: identical weights
+    real_train_on = train_mod.Trainer.train_on
+
+    def stop_after_two(self, rb, adv, it):
+        out = real_train_on(self, rb, adv, it)
+        self.stop_requested = it == 1
+        return out
+
+    monkeypatch.setattr(train_mod.Trainer, "train_on", stop_after_two)
+    cfg2, d2 = toy_cfg(tmp_path / "b", *SCHEDULE)
+    assert run(cfg2, d2).iteration == 2
+    monkeypatch.setattr(train_mod.Trainer, "train_on", real_train_on)
+    resumed = run(cfg2, d2, resume="auto")
+    assert resumed.iteration == 4 and resumed.optimizer_steps == 8
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_eval_noise_follows_eval_seed_not_run_seed(tmp_path, monkeypatch):
+    seen = []
+    real_sample = train_mod.sample
+
+    def spy(policy, *args, seeds=None, **kw):
+        if kw.get("kind") == "ode":
+            seen.append(seeds.clone())
+        return real_sample(policy, *args, seeds=seeds, **kw)
+
+    monkeypatch.setattr(train_mod, "sample", spy)
+    for i, extra in enumerate([(), ("--run.seed", "5"), ("--eval.seed", "1")]):
+        cfg, d = toy_cfg(tmp_path / str(i), "--run.iterations", "1", "--sample.cuda_graph", "false", *extra)
+        run(cfg, d)
+    assert len(seen) == 3
+    assert torch.equal(seen[0], seen[1])  # another training seed, the same evaluation images
+    assert not torch.equal(seen[0], seen[2])
 
 
 def test_non_finite_loss_is_skipped_and_weights_stay_finite(tmp_path, monkeypatch, caplog):
