@@ -77,6 +77,24 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+HEADLINE_KEYS = ("eval/category_mean/accuracy", "eval/overall/accuracy", "eval/overall/reward")
+"""The eval metric a run is judged by, first present wins: the mean over categories (GenEval's
+convention) where the reward reports accuracy per category, else overall accuracy, else reward."""
+
+
+def headline_key(ev: dict) -> str | None:
+    """The key of ``ev``'s headline metric (see HEADLINE_KEYS), or None when it has no eval metric."""
+    for key in HEADLINE_KEYS:
+        if key in ev:
+            return key
+    return next((k for k in ev if k.startswith("eval/overall/")), None)
+
+
+def headline(ev: dict) -> float | None:
+    key = headline_key(ev)
+    return None if key is None else ev[key]
+
+
 def moving_average_window(n: int) -> int:
     """The smoothing window for n train points: about 1/20 of the run, 1 (none) for short runs."""
     return max(1, min(n // 20, 100)) if n >= 40 else 1

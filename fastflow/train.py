@@ -47,7 +47,7 @@ from fastflow.logs import setup_logging
 from fastflow.lr_schedule import lr_at
 from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
-from fastflow.metrics import MetricsLogger, plot_curves
+from fastflow.metrics import MetricsLogger, headline, plot_curves
 from fastflow.models import build_policy
 from fastflow.prompt_sampler import PromptSampler
 from fastflow.rewards import WeightedReward
@@ -477,7 +477,7 @@ class Trainer:
                 self.logger.log(self.iteration, metrics)
             if bar is not None:
                 post = {"reward": f"{adv_stats['reward_mean']:.3f}"}
-                acc = _headline(last_eval)
+                acc = headline(last_eval)
                 if acc is not None:
                     post["eval"] = f"{acc:.3f}"
                 bar.set_postfix(post)
@@ -584,14 +584,6 @@ def prompt_category(policy, prompt: Prompt) -> str:
     if cat is None and hasattr(policy, "prompt_category"):
         cat = policy.prompt_category(prompt.text)
     return str(cat) if cat else "all"
-
-
-def _headline(ev: dict[str, Any]) -> float | None:
-    for key in ("eval/category_mean/accuracy", "eval/overall/accuracy", "eval/overall/reward"):
-        if key in ev:
-            return ev[key]
-    vals = [v for k, v in ev.items() if k.startswith("eval/overall/")]
-    return vals[0] if vals else None
 
 
 def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
