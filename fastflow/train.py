@@ -43,6 +43,7 @@ from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, bro
                                   world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
+from fastflow.evaluate import seeds_per_prompt
 from fastflow.logs import setup_logging
 from fastflow.lr_schedule import lr_at
 from fastflow.graphs import GraphedSampler
@@ -118,6 +119,8 @@ class Trainer:
         self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
         if cfg.eval.max_prompts:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
+        self.eval_seed_counts = seeds_per_prompt([prompt_category(self.policy, p) for p in self.eval_prompts],
+                                                 cfg.eval.seeds, cfg.eval.min_category_images)
         self.autocast = make_autocast(cfg.model.dtype, self.device)
         # CUDA: the rollout is captured once per shape and replayed; elsewhere (or when capture
         # fails) GraphedSampler runs the eager sampler and logs why, once.
@@ -380,7 +383,7 @@ class Trainer:
         """ODE sampling at the full step count on the held-out prompts x seeds, with EMA weights."""
         cfg = self.cfg
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        pairs = [(i, seed) for i in range(len(self.eval_prompts)) for seed in range(cfg.eval.seeds)]
+        pairs = [(i, seed) for i, n in enumerate(self.eval_seed_counts) for seed in range(n)]
         pairs = pairs[self.info.rank::self.info.world_size]
         per_image: dict[str, list[float]] = {}
         cats: list[str] = []
@@ -411,8 +414,9 @@ class Trainer:
                     if len(by_cat.setdefault(cat, [])) < GRID_PER_CATEGORY:
                         by_cat[cat].append((images[b], None if ok is None else float(ok[b])))
                 cats += batch_cats
-                for (i, _), img in zip(chunk, images):
-                    diversity.add(i, img)
+                for (i, sd), img in zip(chunk, images):
+                    if sd < cfg.eval.seeds:  # the extra seeds of small categories would outweigh the rest
+                        diversity.add(i, img)
         # Sums and counts per (category, metric), reduced over ranks: every rank knows every
         # category from the shared prompt list, so the table has the same layout everywhere.
         all_cats = sorted({prompt_category(self.policy, p) for p in self.eval_prompts})

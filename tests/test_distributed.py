@@ -35,7 +35,7 @@ def toy_args(out_dir, *extra):
     return ["--model.kind", "toy", "--reward.weights", "{toy_color=1.0}", "--sample.group_size", "4",
             "--sample.prompts_per_iter", "3", "--sample.batch_size", "3", "--sample.train_steps", "4",
             "--sample.eval_steps", "4", "--sample.guidance_scale", "1.5", "--run.iterations", "4",
-            "--eval.every", "0", "--eval.seeds", "1", "--checkpoint.every", "2", "--log.progress", "false",
+            "--eval.every", "0", "--eval.seeds", "1", "--eval.min_category_images", "0", "--checkpoint.every", "2", "--log.progress", "false",
             "--log.tensorboard", "false", "--run.output_dir", str(out_dir), "--run.name", "toy",
             "--train.optimizer_steps", "1", "--train.lr", "3e-3", "--train.clip_range", "0.2",
             "--train.ema_every", "1", "--train.batch_size", "0", "--sample.window_size", "0",

@@ -184,6 +184,30 @@ def test_evaluate_policy_scores_an_oracle_exactly(tmp_path):
     torch.testing.assert_close(arr, good.records[0].image, atol=1 / 255, rtol=0)
 
 
+def test_seeds_per_prompt_gives_small_categories_more_seeds():
+    cats = ["one"] + ["three"] * 3 + ["many"] * 40
+    assert evaluate.seeds_per_prompt(cats, 8, 96) == [96] + [32] * 3 + [8] * 40
+    assert evaluate.seeds_per_prompt(cats, 8, 0) == [8] * 44
+    assert evaluate.seeds_per_prompt(["a", "a"], 4, 9) == [5, 5]            # rounded up: 10 >= 9
+    with pytest.raises(ValueError, match="seeds"):
+        evaluate.seeds_per_prompt(cats, 0, 0)
+    with pytest.raises(ValueError, match="min_category_images"):
+        evaluate.seeds_per_prompt(cats, 8, -1)
+
+
+def test_evaluate_policy_balances_categories_and_keeps_the_plain_seeds():
+    prompts = ["a circle", "two squares", "three squares", "a red circle"]  # 1 + 2 + 1 per category
+    plain = evaluate.evaluate_policy(OraclePolicy(), prompts, seeds=2, steps=2, guidance_scale=1.0)
+    balanced = evaluate.evaluate_policy(OraclePolicy(), prompts, seeds=2, steps=2, guidance_scale=1.0,
+                                        min_category_images=5)
+    per_prompt = {p: [r.seed for r in balanced.records if r.prompt == p] for p in prompts}
+    assert {p: len(s) for p, s in per_prompt.items()} == {
+        "a circle": 5, "two squares": 3, "three squares": 3, "a red circle": 5}
+    for r in plain.records:  # the balanced evaluation contains the plain one's images
+        assert per_prompt[r.prompt][r.seed_index] == r.seed
+    assert balanced.accuracy["overall"] == 1.0
+
+
 def test_evaluate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="seeds"):
         evaluate.evaluate_policy(OraclePolicy(), ["a circle"], seeds=0, steps=3, guidance_scale=1.0)
@@ -196,10 +220,12 @@ def test_evaluate_cli_writes_images_and_jsonl(tiny_weights, tmp_path, capsys):
     prompts.write_text("a red circle\ntwo squares\na circle left of a square\n")
     out = tmp_path / "ev"
     rc = evaluate.main([ "--checkpoint", str(tiny_weights), "--prompts", str(prompts), "--seeds", "2",
-                        "--steps", "2", "--out", str(out), "--baseline", str(tiny_weights)])
+                        "--min-category-images", "3", "--steps", "2", "--out", str(out),
+                        "--baseline", str(tiny_weights)])
     assert rc == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {r["category"] for r in rows} == {"colors", "counting", "position"}
+    # one prompt per category: 2 seeds each, raised to 3 by --min-category-images
+    assert len(rows) == 9 and {r["category"] for r in rows} == {"colors", "counting", "position"}
     assert all((out / r["file"]).is_file() for r in rows) and (out / "grid.png").is_file()
     assert (out / "compare.png").is_file()
     assert set(rows[0]) >= {"prompt", "file", "seed", "category", "correct"}

@@ -15,13 +15,27 @@ from fastflow.config import load_config, validate
 from fastflow.distributed import DistInfo
 
 
+def test_default_run_evaluates_every_held_out_category_on_at_least_96_images(tmp_path):
+    from fastflow.shapes.world import category_of
+
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--log.tensorboard", "false",
+                             "--distributed.cpu_ranks", "1"])
+    t = train_mod.Trainer(cfg, validate(cfg, 1), DistInfo(0, 1, 0, torch.device("cpu")))
+    per_cat: dict[str, int] = {}
+    for p, n in zip(t.eval_prompts, t.eval_seed_counts):
+        assert n >= cfg.eval.seeds
+        per_cat[category_of(p.text)] = per_cat.get(category_of(p.text), 0) + n
+    assert len(per_cat) == 6 and min(per_cat.values()) >= 96, per_cat
+    assert sum(per_cat.values()) == 772       # the number the config's comment and the README quote
+
+
 def test_short_rl_run_raises_the_strict_accuracy_of_a_weak_prompt(tmp_path):
     prompts = tmp_path / "one.txt"
     prompts.write_text("a circle\n")
     cfg = load_config(None, [
         "--data.train_prompts", str(prompts), "--data.eval_prompts", str(prompts),
         "--sample.prompts_per_iter", "2", "--sample.group_size", "8", "--run.iterations", "20",
-        "--run.max_minutes", "0", "--eval.every", "1000", "--eval.seeds", "32", "--sample.eval_steps", "8",
+        "--run.max_minutes", "0", "--eval.every", "1000", "--eval.seeds", "32", "--eval.min_category_images", "0", "--sample.eval_steps", "8",
         "--train.lr", "1e-3", "--train.beta", "0", "--train.ema", "false", "--checkpoint.every", "1000",
         "--log.progress", "false", "--log.tensorboard", "false", "--run.output_dir", str(tmp_path),
         "--distributed.cpu_ranks", "1"])

@@ -18,7 +18,7 @@ def toy_cfg(tmp_path, *extra):
     overrides = ["--model.kind", "toy", "--reward.weights", "{toy_color=1.0}", "--sample.group_size", "4",
                  "--sample.prompts_per_iter", "3", "--sample.batch_size", "6", "--sample.train_steps", "4",
                  "--sample.eval_steps", "6", "--sample.guidance_scale", "1.5", "--run.iterations", "4",
-                 "--eval.every", "0", "--eval.seeds", "2", "--checkpoint.every", "2", "--log.progress", "false",
+                 "--eval.every", "0", "--eval.seeds", "2", "--eval.min_category_images", "0", "--checkpoint.every", "2", "--log.progress", "false",
                  "--log.tensorboard", "false", "--run.output_dir", str(tmp_path), "--run.name", "toy",
                  "--train.batch_size", "0", "--sample.window_size", "0", "--run.max_minutes", "0", *extra]
     cfg = load_config(None, overrides)
@@ -191,7 +191,7 @@ def test_cli_end_to_end_in_a_subprocess(tmp_path):
     cmd = [sys.executable, "-m", "fastflow.train", "--model.kind", "toy", "--reward.weights", "{toy_color=1.0}",
            "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "6",
            "--train.batch_size", "6", "--sample.train_steps", "4", "--sample.window_size", "0",
-           "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1",
+           "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1", "--eval.min_category_images", "0",
            "--run.output_dir", str(tmp_path), "--run.name", "cli", "--log.progress", "false",
            "--train.optimizer", "adamw8bit"]  # imports bitsandbytes, whose import warns on some CPUs
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
@@ -245,7 +245,7 @@ def test_cli_launches_local_ranks_and_reports_a_failed_rank(tmp_path):
     base = [sys.executable, "-m", "fastflow.train", "--model.kind", "toy", "--reward.weights", "{toy_color=1.0}",
             "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "6",
             "--train.batch_size", "6", "--sample.train_steps", "4", "--sample.window_size", "0",
-            "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1", "--log.progress", "false",
+            "--sample.eval_steps", "6", "--run.iterations", "2", "--eval.seeds", "1", "--eval.min_category_images", "0", "--log.progress", "false",
             "--run.output_dir", str(tmp_path), "--distributed.cpu_ranks", "2", "--log.tensorboard", "false"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     env.pop("WORLD_SIZE", None)
