@@ -265,6 +265,27 @@ def save_sharded_checkpoint(run_dir: Path, iteration: int, info, *, trainable: d
     return final
 
 
+def load_sharded_weights(path: Path, params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a sharded checkpoint as full tensors shaped like ``params`` (name -> tensor),
+    without a process group and at any world size: its EMA when it holds one, else the trainable
+    weights. Returns (state, "ema" | "trainable"). For evaluating a checkpoint of a multi-rank run."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"not a fastflow sharded checkpoint: {path}")
+    reader = dcp.FileSystemReader(str(path / _SHARDED))
+    stored = reader.read_metadata().state_dict_metadata
+    which = "ema" if any(k.startswith("ema.") for k in stored) else "trainable"
+    missing = sorted(n for n in params if f"{which}.{n}" not in stored)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} of the policy's parameters (e.g. {missing[0]}); "
+                         f"was it written with another model.finetune / LoRA setting?")
+    state = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items()}
+    dcp.load({which: state}, storage_reader=reader)
+    return state, which
+
+
 def load_sharded_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                             ema: dict[str, torch.Tensor] | None = None) -> dict:
     """Load a sharded checkpoint IN PLACE into ``trainable``, ``optimizer_state`` (a template from

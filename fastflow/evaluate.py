@@ -79,7 +79,8 @@ class EvalRecord:
 @dataclass
 class EvalResults:
     """Per-image records and the strict accuracy per category; ``accuracy[OVERALL]`` is the mean of
-    the category accuracies (GenEval's overall score), ``image_accuracy`` the mean over images."""
+    the category accuracies (GenEval's overall score), ``image_accuracy`` the mean over prompts of
+    each prompt's accuracy (= the mean over images when every prompt has the same seed count)."""
 
     records: list[EvalRecord] = field(default_factory=list)
 
@@ -103,7 +104,12 @@ class EvalResults:
 
     @property
     def image_accuracy(self) -> float:
-        return sum(r.correct for r in self.records) / max(1, len(self.records))
+        per_prompt: dict[str, list[bool]] = {}
+        for r in self.records:
+            per_prompt.setdefault(r.prompt, []).append(r.correct)
+        if not per_prompt:
+            return 0.0
+        return sum(sum(v) / len(v) for v in per_prompt.values()) / len(per_prompt)
 
     def table(self) -> str:
         """A printable per-category table."""
@@ -242,8 +248,8 @@ def write_results(results: EvalResults, out: str | Path) -> None:
 
 def load_checkpoint_into(policy, path: str | Path) -> None:
     """Load weights into ``policy``: a trainer checkpoint folder (``.../checkpoints/iter-N``: its
-    EMA weights when present, else the trainable ones, by Policy parameter name) or a run directory
-    (its latest checkpoint). A model file (``model.safetensors`` from Policy.export) is handled by
+    EMA weights when present, else the trainable ones, by Policy parameter name; single-file or the
+    sharded format of multi-rank runs) or a run directory (its latest checkpoint). A model file (``model.safetensors`` from Policy.export) is handled by
     building the policy with ``model.path`` instead (see main)."""
     from safetensors.torch import load_file
 
@@ -254,16 +260,25 @@ def load_checkpoint_into(policy, path: str | Path) -> None:
         if latest is None:
             raise FileNotFoundError(f"--checkpoint: no complete checkpoint under {p / 'checkpoints'}")
         p = latest
+    params = policy.named_trainable_parameters()
+    from fastflow.checkpoint import is_sharded_checkpoint, load_sharded_weights
+    if is_sharded_checkpoint(p):  # written by a multi-rank run (torch.distributed.checkpoint)
+        state, _ = load_sharded_weights(p, params)
+        _copy_into(params, state)
+        return
     src = p / "ema.safetensors" if (p / "ema.safetensors").is_file() else p / "trainable.safetensors"
     if not src.is_file():
-        raise FileNotFoundError(f"--checkpoint: {p} holds neither ema.safetensors nor trainable.safetensors "
-                                f"(sharded checkpoints: export with the trainer first)")
+        raise FileNotFoundError(f"--checkpoint: {p} holds neither ema.safetensors, trainable.safetensors "
+                                f"nor a sharded/ folder")
     state = load_file(str(src))
-    params = policy.named_trainable_parameters()
     missing = sorted(set(params) - set(state))
     if missing:
         raise ValueError(f"--checkpoint: {src} lacks {len(missing)} of the policy's parameters "
                          f"(e.g. {missing[0]}); was it written with another model.finetune / LoRA setting?")
+    _copy_into(params, state)
+
+
+def _copy_into(params: dict[str, torch.nn.Parameter], state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for n, prm in params.items():
             prm.copy_(state[n].to(prm.dtype))

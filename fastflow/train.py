@@ -420,12 +420,16 @@ class Trainer:
         # Sums and counts per (category, metric), reduced over ranks: every rank knows every
         # category from the shared prompt list, so the table has the same layout everywhere.
         all_cats = sorted({prompt_category(self.policy, p) for p in self.eval_prompts})
+        # Each image weighs 1 / its prompt's seed count: "overall" stays the mean over prompts (=
+        # over images when every prompt has eval.seeds) even when small categories get more seeds;
+        # within a category every prompt has the same count, so its mean is the plain image mean.
         keys = sorted(per_image)
+        weights = [1.0 / self.eval_seed_counts[i] for i, _ in pairs]
         sums = torch.zeros(len(all_cats) + 1, len(keys), 2, dtype=torch.float64)
         for ki, k in enumerate(keys):
-            for cat, val in zip(cats, per_image[k]):
+            for cat, val, w in zip(cats, per_image[k], weights):
                 for row in (all_cats.index(cat), len(all_cats)):
-                    sums[row, ki] += torch.tensor([val, 1.0], dtype=torch.float64)
+                    sums[row, ki] += torch.tensor([val * w, w], dtype=torch.float64)
         all_reduce_sum_(sums, self.info)
         div = diversity.totals()
         all_reduce_sum_(div, self.info)

@@ -206,6 +206,9 @@ def test_evaluate_policy_balances_categories_and_keeps_the_plain_seeds():
     for r in plain.records:  # the balanced evaluation contains the plain one's images
         assert per_prompt[r.prompt][r.seed_index] == r.seed
     assert balanced.accuracy["overall"] == 1.0
+    lying = evaluate.evaluate_policy(OraclePolicy(lie=True), prompts[:1], seeds=2, steps=2, guidance_scale=1.0)
+    mixed = evaluate.EvalResults(balanced.records + lying.records[:1])  # "a circle": 5 right, 1 wrong
+    assert mixed.image_accuracy == pytest.approx((5 / 6 + 3 * 1.0) / 4)  # a mean over prompts
 
 
 def test_evaluate_rejects_bad_arguments():
@@ -257,6 +260,28 @@ def test_trainer_checkpoint_folder_loads_into_a_policy(tiny_weights, tmp_path):
     x, s = torch.randn(1, 3, 32, 32), torch.tensor([0.4])
     torch.testing.assert_close(fresh.velocity(x, s, cond, guidance_scale=1.0),
                                pol.velocity(x, s, cond, guidance_scale=1.0))
+    full = build_policy(make_cfg(tiny_weights, "full"), "cpu")   # names differ: a clear error
+    with pytest.raises(ValueError, match="finetune"):
+        evaluate.load_checkpoint_into(full, ck)
+
+
+def test_sharded_checkpoint_of_a_multi_rank_run_loads_its_ema_into_a_policy(tiny_weights, tmp_path):
+    """The default CPU run has 2 ranks, so its checkpoints are sharded (torch.distributed.checkpoint);
+    the evaluate CLI reads their EMA weights without a process group."""
+    from fastflow.checkpoint import save_sharded_checkpoint
+    from fastflow.distributed import DistInfo
+
+    pol = build_policy(make_cfg(tiny_weights, "lora"), "cpu")
+    _perturb(pol)
+    params = pol.named_trainable_parameters()
+    ema = {n: p.detach().clone() for n, p in params.items()}
+    trainable = {n: p.detach() * 0 for n, p in params.items()}  # differs: the EMA must be the one read
+    ck = save_sharded_checkpoint(tmp_path / "run", 3, DistInfo(0, 1, 0, torch.device("cpu")),
+                                 trainable=trainable, optimizer_state={}, state={}, ema=ema)
+    fresh = build_policy(make_cfg(tiny_weights, "lora"), "cpu")
+    evaluate.load_checkpoint_into(fresh, tmp_path / "run")       # a run directory: its latest checkpoint
+    for n, p in fresh.named_trainable_parameters().items():
+        torch.testing.assert_close(p.detach(), ema[n], rtol=0, atol=0)
     full = build_policy(make_cfg(tiny_weights, "full"), "cpu")   # names differ: a clear error
     with pytest.raises(ValueError, match="finetune"):
         evaluate.load_checkpoint_into(full, ck)

@@ -65,6 +65,22 @@ def test_run_leaves_logs_checkpoints_and_plots(tmp_path):
     assert validate(load_config(str(rd / "config.toml")), 1) is not None  # the saved config reloads
 
 
+def test_eval_gives_small_categories_more_seeds_and_overall_stays_a_mean_over_prompts(tmp_path):
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text('{"prompt": "a red square", "tag": "A"}\n{"prompt": "a blue square", "tag": "B"}\n'
+                       '{"prompt": "a green square", "tag": "B"}\n')
+    cfg, d = toy_cfg(tmp_path, "--data.eval_prompts", str(prompts), "--eval.seeds", "1",
+                     "--eval.min_category_images", "4")
+    t = train_mod.Trainer(cfg, d, SOLO)
+    assert t.eval_seed_counts == [4, 2, 2]
+    out = t.evaluate()
+    metrics = {k.split("/")[2] for k in out if k.startswith("eval/A/")}
+    assert metrics
+    for m in metrics:  # A has 4 images and B 4, but A is 1 prompt of 3: overall weighs it 1/3
+        want = (out[f"eval/A/{m}"] + 2 * out[f"eval/B/{m}"]) / 3
+        assert out[f"eval/overall/{m}"] == pytest.approx(want, abs=1e-9), m
+
+
 @pytest.mark.parametrize("sampling", ["uniform", "category", "signal"])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, sampling):
     common = ("--train.lr", "1e-3", "--train.clip_range", "0.1", "--sample.prompt_sampling", sampling)
