@@ -249,8 +249,9 @@ def write_results(results: EvalResults, out: str | Path) -> None:
 def load_checkpoint_into(policy, path: str | Path) -> None:
     """Load weights into ``policy``: a trainer checkpoint folder (``.../checkpoints/iter-N``: its
     EMA weights when present, else the trainable ones, by Policy parameter name; single-file or the
-    sharded format of multi-rank runs) or a run directory (its latest checkpoint). A model file (``model.safetensors`` from Policy.export) is handled by
-    building the policy with ``model.path`` instead (see main)."""
+    sharded format of multi-rank runs) or a run directory (its latest checkpoint). A model file
+    (``model.safetensors`` from Policy.export) is handled by building the policy with
+    ``model.path`` instead (see main)."""
     from safetensors.torch import load_file
 
     p = Path(path)
@@ -293,7 +294,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prompts", default="", help="a .txt/.jsonl file of grammar prompts "
                     "(default: the config's data.eval_prompts, else the model's held-out list)")
     ap.add_argument("--seeds", type=int, default=0, help="images per prompt (default: eval.seeds)")
-    ap.add_argument("--min-category-images", type=int, default=-1, help="more seeds for the prompts of "
+    ap.add_argument("--min-category-images", type=int, default=None, help="more seeds for the prompts of "
                     "small categories, so each category has at least this many images; 0 = off "
                     "(default: eval.min_category_images)")
     ap.add_argument("--steps", type=int, default=0, help="ODE steps (default: sample.eval_steps)")
@@ -327,6 +328,8 @@ def main(argv=None) -> int:
 
     setup_logging()
     args = parse_args(argv)
+    if args.min_category_images is not None and args.min_category_images < 0:
+        raise SystemExit(f"evaluate: --min-category-images must be >= 0 (0 = off), got {args.min_category_images}")
     from fastflow.config import load_config
     from fastflow.data import load_prompts
 
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
     else:
         raise SystemExit("evaluate: no prompts: give --prompts FILE or data.eval_prompts")
     seeds = args.seeds or cfg.eval.seeds
-    min_cat = cfg.eval.min_category_images if args.min_category_images < 0 else args.min_category_images
+    min_cat = cfg.eval.min_category_images if args.min_category_images is None else args.min_category_images
     steps = args.steps or cfg.sample.eval_steps
     guidance = args.guidance or cfg.eval.guidance_scale or cfg.sample.guidance_scale
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.model.dtype))

@@ -211,6 +211,11 @@ def test_evaluate_policy_balances_categories_and_keeps_the_plain_seeds():
     assert mixed.image_accuracy == pytest.approx((5 / 6 + 3 * 1.0) / 4)  # a mean over prompts
 
 
+def test_evaluate_cli_rejects_a_negative_min_category_images(tmp_path):
+    with pytest.raises(SystemExit, match="min-category-images must be >= 0"):
+        evaluate.main(["--min-category-images", "-2", "--out", str(tmp_path / "ev")])
+
+
 def test_evaluate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="seeds"):
         evaluate.evaluate_policy(OraclePolicy(), ["a circle"], seeds=0, steps=3, guidance_scale=1.0)
