@@ -55,6 +55,15 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def full_state_dict(root: nn.Module) -> dict[str, Tensor]:
+    """The whole state dict of an FSDP2-sharded ``root``, gathered shard by shard into host memory
+    on rank 0 (the other ranks get an empty dict; every rank must call it). What an end-of-run
+    export of a sharded run writes: no rank ever holds a second full copy on the accelerator."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def policy_modules(policy) -> tuple[nn.Module, list[nn.Module]] | None:
     """The policy's ``parallel_modules()`` (root, blocks), or None when it has no such hook."""
     hook = getattr(policy, "parallel_modules", None)

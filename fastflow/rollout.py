@@ -34,7 +34,9 @@ class Policy(Protocol):
     (built-in prompt lists, split "train"/"eval"), ``eval_metrics(images, prompts, metadata) ->
     dict[str, Tensor[B]]`` (evaluation metrics, e.g. strict accuracy, instead of the reward),
     ``prompt_category(text) -> str`` (groups the evaluation table), ``export(directory)``
-    (writes the trained weights in the model's native format at the end of a run) and
+    (writes the trained weights in the model's native format at the end of a run; a policy that
+    can be sharded, i.e. has ``parallel_modules``, takes ``export(directory, state_dict=...)``
+    too: the sharded network's full state dict, gathered on the main rank) and
     ``sampling() -> ContextManager`` (around gradient-free rollouts and evaluations: velocity() may
     use a faster equivalent of the current weights, e.g. LoRA merged; its log-probs must match the
     training pass within float rounding).

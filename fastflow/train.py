@@ -509,16 +509,25 @@ class Trainer:
                 print(format_eval_table(getattr(self, "first_eval", {}), final))
                 print(f"fastflow: run directory {self.run_dir} (wall time "
                       f"{(time.perf_counter() - t_start) / 60:.1f} min)")
-                if hasattr(self.policy, "export") and self.strategy == "fsdp":
-                    # Exporting needs the full weights on one rank; not done for sharded runs yet.
-                    print(f"fastflow: sharded (FSDP) run: the final weights are in the checkpoint "
-                          f"{latest_checkpoint(self.run_dir)}; native export runs on unsharded runs only")
-                elif hasattr(self.policy, "export"):
-                    with (self.ema.applied() if self.ema else contextlib.nullcontext()):
-                        print(f"fastflow: exported to {self.policy.export(self.run_dir / 'final')}")
+            if hasattr(self.policy, "export"):
+                path = self.export_final()
+                if info.is_main:
+                    print(f"fastflow: exported to {path}")
         self.reward_pool.close()
         self.logger.close()
         return final
+
+    def export_final(self) -> Path | None:
+        """Export the final weights (EMA when kept) with ``policy.export`` to ``run_dir/final``;
+        returns the path on the main rank, None elsewhere. Every rank must call it: a sharded
+        (FSDP) run first gathers the full weights on the main rank, shard by shard, into host
+        memory."""
+        with (self.ema.applied() if self.ema else contextlib.nullcontext()):
+            if self.strategy == "fsdp":
+                root, _ = parallel.policy_modules(self.policy)
+                state = parallel.full_state_dict(root)  # collective; empty off the main rank
+                return self.policy.export(self.run_dir / "final", state_dict=state) if self.info.is_main else None
+            return self.policy.export(self.run_dir / "final") if self.info.is_main else None
 
     def _agreed_stop(self) -> bool:
         """Stop when any rank was asked to or found the time budget spent (ranks see a signal, or

@@ -255,3 +255,66 @@ def test_ranks_leave_together_when_one_clock_crosses_the_time_budget(tmp_path):
                                                          "--run.iterations", "6", "--eval.every", "100"))
     assert [int(r["iteration"]) for r in ranks] == [1, 1]
     assert all(int(r["final_eval"]) == 1 for r in ranks)
+
+
+def sd3_args(out_dir, pipe, prompts, *extra):
+    """A two-iteration run of the tiny SD3 pipeline (fastflow.models._tiny) with the toy colour
+    reward: the trainer's own end-of-run export is what the export tests read."""
+    return ["--model.kind", "sd3", "--model.path", str(pipe), "--model.resolution", "32",
+            "--model.lora_rank", "4", "--model.lora_alpha", "8", "--reward.weights", "{toy_color=1.0}",
+            "--data.train_prompts", str(prompts), "--data.eval_prompts", str(prompts),
+            "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "3",
+            "--sample.train_steps", "3", "--sample.eval_steps", "3", "--sample.window_size", "0",
+            "--run.iterations", "2", "--eval.every", "0", "--eval.seeds", "1",
+            "--eval.min_category_images", "0", "--checkpoint.every", "2", "--log.progress", "false",
+            "--log.tensorboard", "false", "--run.output_dir", str(out_dir), "--run.name", "sd3",
+            "--train.optimizer_steps", "1", "--train.clip_range", "0.2", "--train.batch_size", "0",
+            "--train.ema_every", "1", "--train.ema_decay", "0.5", "--run.max_minutes", "0",
+            "--distributed.strategy", "fsdp", *extra]
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_fsdp_run_exports_its_gathered_ema_weights(tmp_path, finetune):
+    """A sharded run's parameters are shards on each rank: the end-of-run export gathers them on
+    rank 0 and writes the same files a one-rank run writes (the LoRA for load_lora_weights, or the
+    whole transformer for from_pretrained), holding the EMA weights."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from fastflow.models._tiny import save_tiny_sd3
+
+    pipe = save_tiny_sd3(tmp_path / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\na green cat\n")
+    lr = "3e-3" if finetune == "lora" else "1e-3"
+    dumps = launch("train", tmp_path / "dump", sd3_args(tmp_path / "runs", pipe, prompts,
+                                                        "--model.finetune", finetune, "--train.lr", lr))
+    assert int(dumps[0]["strategy_fsdp"]) == 1
+    assert_ranks_identical(dumps)
+    ema = {n[len("ema.transformer."):]: v for n, v in dumps[0].items() if n.startswith("ema.")}
+    cur = {n[len("w.transformer."):]: v for n, v in dumps[0].items() if n.startswith("w.")}
+    assert ema and max(float((ema[n] - cur[n]).abs().max()) for n in ema) > 1e-5  # EMA != current
+    final = tmp_path / "runs" / "sd3" / "final"
+
+    if finetune == "lora":
+        exported = load_file(str(final / "pytorch_lora_weights.safetensors"))
+        assert len(exported) == len(ema)
+        for n, v in ema.items():  # peft's saved form: no adapter name, "transformer." prefix
+            torch.testing.assert_close(exported["transformer." + n.replace(".default.", ".")], v,
+                                       rtol=0, atol=0)
+        assert max(float(v.abs().max()) for n, v in ema.items() if "lora_B" in n) > 0  # really trained
+        fresh = StableDiffusion3Pipeline.from_pretrained(pipe)
+        fresh.load_lora_weights(str(final))  # a stock pipeline reads it
+        (adapter,) = fresh.transformer.peft_config  # the loader names the adapter itself
+        loaded = dict(fresh.transformer.named_parameters())
+        for n, v in ema.items():
+            torch.testing.assert_close(loaded[n.replace(".default.", f".{adapter}.")], v, rtol=0, atol=0)
+    else:
+        base = dict(SD3Transformer2DModel.from_pretrained(pipe, subfolder="transformer").named_parameters())
+        model = SD3Transformer2DModel.from_pretrained(final / "transformer")
+        got = dict(model.named_parameters())
+        assert got.keys() == ema.keys()
+        for n, v in ema.items():
+            torch.testing.assert_close(got[n], v, rtol=0, atol=0)
+        assert max(float((got[n] - base[n]).abs().max()) for n in got) > 1e-4  # trained, not the base

@@ -116,15 +116,18 @@ class Tuning:
         return {prefix + n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
 
 
-def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in peft's saved form (``...to_q.lora_A.weight``, no adapter name)."""
+def lora_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft's saved form (``...to_q.lora_A.weight``, no adapter name),
+    taken from ``state_dict`` (the module's full state dict, e.g. gathered from FSDP shards) when
+    given, else from the module itself."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(module)
+    return get_peft_model_state_dict(module, state_dict=state_dict)
 
 
 def export_lora(pipeline_cls, module: nn.Module, directory, *, dtype: torch.dtype | None = None,
-                weight_name: str = "pytorch_lora_weights.safetensors") -> Path:
+                weight_name: str = "pytorch_lora_weights.safetensors",
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save ``module``'s LoRA adapter with ``pipeline_cls.save_lora_weights`` (e.g.
     StableDiffusion3Pipeline, FluxPipeline) so that ``pipe.load_lora_weights(directory)`` on a
     fresh pipeline of the base model reproduces the trained transformer.
@@ -132,11 +135,12 @@ def export_lora(pipeline_cls, module: nn.Module, directory, *, dtype: torch.dtyp
     The adapter config (rank, alpha, targets) travels in the safetensors metadata: without it a
     loader would assume alpha == rank and scale the update by 1 instead of alpha / rank.
     dtype: cast the saved weights (e.g. torch.bfloat16 to halve the file); None keeps float32.
+    state_dict: the module's full state dict to export from (a sharded run's gathered weights).
     Returns the path of the weights file.
     """
     if not getattr(module, "peft_config", None) or "default" not in module.peft_config:
         raise ValueError("export_lora: the model has no LoRA adapter (model.finetune must be 'lora')")
-    state = lora_state_dict(module)
+    state = lora_state_dict(module, state_dict)
     state = {k: v.detach().to(dtype or v.dtype).cpu().contiguous() for k, v in state.items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,18 +178,34 @@ class TunedTransformerPolicy:
         t = self.tuning.ref_transformer
         return None if t is None else (t, self._blocks(t))
 
-    def export(self, directory):
+    def export(self, directory, state_dict: dict[str, torch.Tensor] | None = None):
         """End-of-run export (the trainer calls it with the EMA weights in place): the LoRA for
         ``<pipeline>.load_lora_weights(directory)``, or for full fine-tuning the whole transformer
-        under ``directory/transformer`` (``from_pretrained`` format)."""
+        under ``directory/transformer`` (``from_pretrained`` format).
+
+        state_dict: the transformer's full state dict, for a sharded (FSDP) run whose parameters
+        are shards: the trainer gathers it on rank 0 (``fastflow.parallel.full_state_dict``)."""
         if self.tuning.finetune == "lora":
-            return self.export_lora(directory)
+            return self.export_lora(directory, state_dict=state_dict)
         out = Path(directory) / "transformer"
-        self.transformer.save_pretrained(out)
+        if state_dict is None:
+            self.transformer.save_pretrained(out)
+            return out
+        # save_pretrained would read the module's (sharded) parameters: write the same layout
+        # (config.json + diffusion_pytorch_model.safetensors) from the gathered weights.
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_config(out)
+        save_file({k: v.contiguous() for k, v in state_dict.items()},
+                  str(out / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         return out
 
-    def export_lora(self, directory, dtype: torch.dtype | None = None):
-        """Save the LoRA for ``<pipeline>.load_lora_weights(directory)``."""
+    def export_lora(self, directory, dtype: torch.dtype | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None):
+        """Save the LoRA for ``<pipeline>.load_lora_weights(directory)`` (from ``state_dict``, the
+        transformer's full state dict, when given)."""
         import diffusers
 
-        return export_lora(getattr(diffusers, self.pipeline_class_name), self.transformer, directory, dtype=dtype)
+        return export_lora(getattr(diffusers, self.pipeline_class_name), self.transformer, directory,
+                           dtype=dtype, state_dict=state_dict)
