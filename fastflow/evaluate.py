@@ -254,15 +254,15 @@ def load_checkpoint_into(policy, path: str | Path) -> None:
     ``model.path`` instead (see main)."""
     from safetensors.torch import load_file
 
+    from fastflow.checkpoint import is_sharded_checkpoint, latest_checkpoint, load_sharded_weights
+
     p = Path(path)
     if (p / "checkpoints").is_dir():
-        from fastflow.checkpoint import latest_checkpoint
         latest = latest_checkpoint(p)
         if latest is None:
             raise FileNotFoundError(f"--checkpoint: no complete checkpoint under {p / 'checkpoints'}")
         p = latest
     params = policy.named_trainable_parameters()
-    from fastflow.checkpoint import is_sharded_checkpoint, load_sharded_weights
     if is_sharded_checkpoint(p):  # written by a multi-rank run (torch.distributed.checkpoint)
         state, _ = load_sharded_weights(p, params)
         _copy_into(params, state)

@@ -522,12 +522,15 @@ class Trainer:
         returns the path on the main rank, None elsewhere. Every rank must call it: a sharded
         (FSDP) run first gathers the full weights on the main rank, shard by shard, into host
         memory."""
+        sharded = self.strategy == "fsdp"
+        if not (sharded or self.info.is_main):
+            return None  # replicated weights: the main rank writes them alone
         with (self.ema.applied() if self.ema else contextlib.nullcontext()):
-            if self.strategy == "fsdp":
-                root, _ = parallel.policy_modules(self.policy)
-                state = parallel.full_state_dict(root)  # collective; empty off the main rank
-                return self.policy.export(self.run_dir / "final", state_dict=state) if self.info.is_main else None
-            return self.policy.export(self.run_dir / "final") if self.info.is_main else None
+            state = parallel.full_state_dict(parallel.policy_modules(self.policy)[0]) if sharded else None
+            if not self.info.is_main:
+                return None
+            out = self.run_dir / "final"
+            return self.policy.export(out, state_dict=state) if sharded else self.policy.export(out)
 
     def _agreed_stop(self) -> bool:
         """Stop when any rank was asked to or found the time budget spent (ranks see a signal, or
