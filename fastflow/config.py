@@ -182,8 +182,9 @@ class TrainConfig:
 class DataConfig:
     """Prompt files. Relative paths are read from the working directory."""
 
-    train_prompts: str = opt("", "Training prompt file (.txt: one prompt a line; .jsonl: objects with a "
-                                 "\"prompt\" key plus metadata); \"\" = the model's built-in list.")
+    train_prompts: str = opt("", "Training prompt file (.txt: one prompt a line, lines starting with # are "
+                                 "comments; .jsonl: objects with a \"prompt\" key plus metadata); \"\" = "
+                                 "the model's built-in list.")
     eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl); \"\" = the model's "
                                 "built-in list.")
 
@@ -228,7 +229,7 @@ class LogConfig:
 class CheckpointConfig:
     """Checkpoints (EMA weights, optimizer, RNG state) for resuming."""
 
-    every: int = opt(50, "Save a checkpoint every this many iterations (and at the end).")
+    every: int = opt(50, "Save a checkpoint every this many iterations, and at the end; 0 = only at the end.")
     keep: int = opt(2, "Checkpoints kept; older ones are deleted.")
 
 
@@ -794,7 +795,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(ev.batch_size >= 1, f"eval.batch_size ({ev.batch_size}) must be >= 1")
     need(ev.max_prompts >= 0, f"eval.max_prompts ({ev.max_prompts}) must be >= 0 (0 = all)")
     need(cfg.log.every >= 1, f"log.every ({cfg.log.every}) must be >= 1")
-    need(cfg.checkpoint.every >= 1, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 1")
+    need(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0 (0 = only at the end)")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
 
     dist = cfg.distributed
@@ -859,15 +860,36 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
             raise ConfigError(f"config: reward.options.{name} is for a reward not in reward.weights{tail}")
 
     # Files last: the cheapest mistakes are reported first.
+    from fastflow.data import load_prompts
+
+    def prompt_check(split: str):
+        """A check of one prompt against what model.kind can take (None: any text), so that a
+        word outside a model's vocabulary fails here, not in the first rollout on every rank."""
+        if model.kind == "shapes":
+            from fastflow.shapes.world import check_prompt
+
+            # The verifier parses every eval prompt; a training prompt needs the grammar when the
+            # shapes reward judges it or category sampling must derive its category from the text.
+            judged = weights.get("shapes", 0) != 0
+
+            def check(prompt) -> None:
+                tagged = prompt.metadata.get("category") or prompt.metadata.get("tag")
+                check_prompt(prompt.text, grammar=split == "eval" or judged
+                             or (sample.prompt_sampling == "category" and not tagged))
+            return check
+        if model.kind == "toy":
+            from fastflow.models.toy import color_word
+            return lambda prompt: color_word(prompt.text)
+        return None
+
     for key in ("train_prompts", "eval_prompts"):
         p = getattr(cfg.data, key)
         if p:
             need(Path(p).suffix in (".txt", ".jsonl"), f"data.{key} must be a .txt or .jsonl file, got {_show(p, 300)}")
-            # No ~ expansion: fastflow.data.load_prompts opens the path as written.
-            need(Path(p).is_file(), f"data.{key} file not found: {_show(p, 300)}")
+            # ~ expanded as fastflow.data.load_prompts does when the trainer opens the file.
+            need(Path(p).expanduser().is_file(), f"data.{key} file not found: {_show(p, 300)}")
             try:  # a text file: cheap to read now, so a bad one never reaches the launched ranks
-                from fastflow.data import load_prompts
-                load_prompts(p)
+                load_prompts(p, check=prompt_check(key.split("_")[0]))
             except ValueError as e:
                 raise ConfigError(f"config: data.{key}: {e}") from None
     if model.path and _looks_local(model.path):

@@ -9,6 +9,11 @@ per-category and overall strict accuracy. ``--baseline base`` (or a model file) 
 model on the same prompts and seeds and writes DIR/compare.png (before | after, image by image). Without --checkpoint it evaluates the model of CONFIG's
 [model] (for the shapes task: the shipped base model).
 
+Bad input (an argument out of range, a missing or invalid config, a prompt outside the grammar, a
+prompt file that is not UTF-8, a weights file that is truncated or not safetensors, e.g. a
+pickle) stops it with one line ``evaluate: CAUSE`` on stderr and exit code 2, before any model
+loads.
+
 The core, :func:`evaluate_policy`, samples with the ODE at the full step count
 (fastflow.rollout.sample, kind="ode"); the noise of each image is a pure function of (prompt text,
 seed index), so two evaluations of the same prompts and seeds (e.g. before / after RL) are directly
@@ -280,98 +285,329 @@ def load_checkpoint_into(policy, path: str | Path) -> None:
 
 
 def _copy_into(params: dict[str, torch.nn.Parameter], state: dict[str, Tensor]) -> None:
+    for n, prm in params.items():
+        if tuple(state[n].shape) != tuple(prm.shape):
+            raise ValueError(f"--checkpoint: {n} is {tuple(state[n].shape)} in the checkpoint but "
+                             f"{tuple(prm.shape)} in the policy; was it written with another "
+                             f"model.lora_rank / model.finetune setting?")
     with torch.no_grad():
         for n, prm in params.items():
             prm.copy_(state[n].to(prm.dtype))
 
 
+# ----------------------------------------------------------------------------------- command line
+
+
+class InputError(ValueError):
+    """A mistake in the evaluate command line or in a file it names; the message is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (not usage + error), and main's exit code 2
+        raise InputError(f"{message} (see --help)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m fastflow.evaluate",
-                                 description="Strict accuracy of a policy on grammar prompts, per category.")
+    ap = _Parser(prog="python -m fastflow.evaluate",
+                 description="Strict accuracy of a policy on grammar prompts, per category.")
     ap.add_argument("config", nargs="?", default=None, help="TOML run config (default: the embedded shapes run)")
     ap.add_argument("--checkpoint", default="", help="model.safetensors / export folder, trainer checkpoint "
                     "folder or run directory (default: the config's model, e.g. the shipped base model)")
     ap.add_argument("--prompts", default="", help="a .txt/.jsonl file of grammar prompts "
                     "(default: the config's data.eval_prompts, else the model's held-out list)")
-    ap.add_argument("--seeds", type=int, default=0, help="images per prompt (default: eval.seeds)")
+    ap.add_argument("--seeds", type=int, default=None, help="images per prompt, >= 1 (default: eval.seeds)")
     ap.add_argument("--min-category-images", type=int, default=None, help="more seeds for the prompts of "
                     "small categories, so each category has at least this many images; 0 = off "
                     "(default: eval.min_category_images)")
-    ap.add_argument("--steps", type=int, default=0, help="ODE steps (default: sample.eval_steps)")
-    ap.add_argument("--guidance", type=float, default=0.0, help="CFG scale (default: the config's eval scale)")
-    ap.add_argument("--batch", type=int, default=0, help="images per forward (default: eval.batch_size)")
-    ap.add_argument("--device", default="", help="cpu | cuda (default: run.device)")
+    ap.add_argument("--steps", type=int, default=None, help="ODE steps, >= 1 (default: sample.eval_steps)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale, >= 0; 0 = the default "
+                    "(the config's eval scale, eval.guidance_scale or sample.guidance_scale)")
+    ap.add_argument("--batch", type=int, default=None, help="images per forward, >= 1 (default: eval.batch_size)")
+    ap.add_argument("--device", default="", help="cpu | cuda | cuda:N (default: run.device)")
     ap.add_argument("--baseline", default="", help="also evaluate this model (a model file / export folder, or "
                     "'base' for the config's model) on the same prompts and seeds; writes DIR/compare.png")
     ap.add_argument("--out", required=True, help="output directory")
     return ap.parse_args(argv)
 
 
-def _policy_for(config: str | None, ck: Path | None, device):
-    """The config's policy, with ``ck`` applied: a model file / export folder replaces the weights
-    (model.path), a trainer checkpoint folder or run directory is loaded on top."""
+_PICKLE_HINT = "fastflow loads weights only from .safetensors files (unpickling a file can run code)"
+
+
+def check_safetensors(path: str | Path, what: str = "weights") -> dict[str, str]:
+    """Check a ``.safetensors`` file from its header alone, without loading a tensor: that it is
+    one (not a pickle, not a torch.save archive) and holds every byte of tensor data its header
+    lists (a file cut short by a full disk or an interrupted copy does not). Returns the header's
+    metadata; InputError (one line, naming ``what`` and the file) otherwise."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            kind = _foreign_format(head)
+            if kind:
+                raise InputError(f"{what} {path} is a {kind}, not a .safetensors file; {_PICKLE_HINT}")
+            if n < 2 or n > size - 8:
+                raise InputError(f"{what} {path} is not a complete .safetensors file (its {size} bytes "
+                                 f"cannot hold the header it announces; truncated?)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{what} {path} is not a .safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{what} {path} is not a .safetensors file (its header is not a JSON object)")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise InputError(f"{what} {path} is not a .safetensors file (malformed tensor entries)") from None
+    held = size - 8 - n
+    if held < end:
+        raise InputError(f"{what} {path} is truncated: it holds {held} of the {end} bytes of tensor data "
+                         f"its header lists")
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _foreign_format(head: bytes) -> str:
+    """The name of a weights format other than safetensors, recognised from a file's first bytes."""
+    if head[:4] == b"PK\x03\x04":
+        return "zip archive (torch.save)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle file"
+    return ""
+
+
+def resolve_checkpoint(path: str | Path, flag: str = "--checkpoint", kind: str = "") -> tuple[Path, bool]:
+    """Classify and check a ``--checkpoint`` / ``--baseline`` path before any model loads:
+    (path, True) for a model file or export folder (loaded as ``model.path``), (path, False) for a
+    trainer checkpoint folder, the run directory's latest checkpoint replacing a run directory.
+    The weights file it will read is checked with :func:`check_safetensors`; a shapes model file
+    (``kind`` "shapes") must carry the shapes architecture. InputError (one line) otherwise."""
+    from fastflow.checkpoint import is_sharded_checkpoint, latest_checkpoint
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{flag} not found: {p}")
+    model_file = p if p.is_file() else p / "model.safetensors"
+    if p.is_file() or model_file.is_file():
+        if model_file.suffix != ".safetensors":
+            with model_file.open("rb") as f:
+                foreign = _foreign_format(f.read(8))
+            what = f"a {foreign}" if foreign else "not a .safetensors file"
+            raise InputError(f"{flag} {p} is {what}; {_PICKLE_HINT}")
+        meta = check_safetensors(model_file, flag)
+        if kind == "shapes" and "fastflow_shapes_config" not in meta:
+            raise InputError(f"{flag} {model_file} is not a fastflow shapes model (no 'fastflow_shapes_config' "
+                             f"metadata); give an exported model (RUN/final), a checkpoint folder or a run directory")
+        return p, True
+    ck = p
+    if (p / "checkpoints").is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise InputError(f"{flag}: no complete checkpoint under {p / 'checkpoints'}")
+        ck = latest
+    if is_sharded_checkpoint(ck):
+        return ck, False
+    for name in ("ema.safetensors", "trainable.safetensors"):  # the one load_checkpoint_into reads
+        if (ck / name).is_file():
+            check_safetensors(ck / name, flag)
+            return ck, False
+    raise InputError(f"{flag} {p} is neither a model file / export folder (model.safetensors), a trainer "
+                     f"checkpoint folder (ema.safetensors, trainable.safetensors or sharded/) nor a run "
+                     f"directory (checkpoints/iter-N)")
+
+
+def _check_out_dir(out: Path) -> None:
+    """The output directory must be a directory or creatable; checked before anything loads."""
+    import os
+
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} exists and is not a directory")
+        parent = out
+    else:
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
+def _prompt_check(kind: str):
+    """The check of one evaluation prompt: in the grammar (the shapes verifier judges every image
+    and names its category), and for the toy model with a colour word."""
+    from fastflow.shapes.world import check_prompt
+
+    def check(prompt) -> None:
+        check_prompt(prompt.text, grammar=True)
+        if kind == "toy":
+            from fastflow.models.toy import color_word
+            color_word(prompt.text)
+    return check
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+@dataclass
+class _Plan:
+    """Everything main needs, checked before a model loads."""
+
+    cfg: object
+    device: torch.device
+    checkpoint: tuple[Path, bool] | None
+    baseline: tuple[Path, bool] | None
+    texts: list[str] | None  # None: the built policy's default_prompts("eval")
+    seeds: int
+    min_category_images: int
+    steps: int
+    guidance: float
+    batch_size: int
+    out: Path
+
+
+def _plan(args: argparse.Namespace) -> _Plan:
+    """Check the arguments, the config and every file they name, cheapest first; InputError (one
+    line) on the first mistake."""
+    import copy
+    import math
+
+    from fastflow.config import ConfigError, load_config, validate
+    from fastflow.data import load_prompts
+
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--steps", args.steps, 1), ("--batch", args.batch, 1),
+                             ("--min-category-images", args.min_category_images, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise InputError(f"--guidance must be a finite number >= 0 (0 = the config's), got {args.guidance}")
+    if not args.out.strip():
+        raise InputError("--out must not be empty")
+    out = Path(args.out).expanduser()
+    _check_out_dir(out)
+    try:
+        cfg = load_config(args.config)
+        # Evaluation reads the model, sampling and eval settings; the training-only files and
+        # packages (training prompts, bitsandbytes) need not be present where a model is evaluated.
+        checked = copy.deepcopy(cfg)
+        checked.data.train_prompts, checked.train.optimizer = "", "adamw"
+        validate(checked, 1)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    kind = cfg.model.kind
+    device = _resolve_device(args.device or cfg.run.device)
+    ck = resolve_checkpoint(args.checkpoint, "--checkpoint", kind) if args.checkpoint else None
+    base = None
+    if args.baseline and args.baseline != "base":
+        base = resolve_checkpoint(args.baseline, "--baseline", kind)
+    if not ck and cfg.model.path and cfg.model.path.endswith(".safetensors"):
+        check_safetensors(Path(cfg.model.path).expanduser(), "model.path")
+    source = args.prompts or cfg.data.eval_prompts
+    texts = None
+    if source:
+        flag = "--prompts" if args.prompts else "data.eval_prompts"
+        try:
+            texts = [p.text for p in load_prompts(source, check=_prompt_check(kind))]
+        except (ValueError, FileNotFoundError) as e:
+            raise InputError(f"{flag}: {e}") from None
+    elif kind == "shapes":
+        from fastflow.shapes.policy import default_prompts
+        texts = [p.text for p in default_prompts("eval")]
+    elif kind in ("sd3", "flux"):
+        raise InputError(f"no prompts: model.kind {kind} has no built-in list; give --prompts FILE or "
+                         f"data.eval_prompts")
+    return _Plan(cfg=cfg, device=device, checkpoint=ck, baseline=base, texts=texts,
+                 seeds=args.seeds or cfg.eval.seeds,
+                 min_category_images=(cfg.eval.min_category_images if args.min_category_images is None
+                                      else args.min_category_images),
+                 steps=args.steps or cfg.sample.eval_steps,
+                 guidance=args.guidance or cfg.eval.guidance_scale or cfg.sample.guidance_scale,
+                 batch_size=args.batch or cfg.eval.batch_size, out=out)
+
+
+def _policy_for(config: str | None, ck: tuple[Path, bool] | None, device):
+    """The config's policy, with ``ck`` (from resolve_checkpoint) applied: a model file / export
+    folder replaces the weights (model.path), a trainer checkpoint folder is loaded on top."""
     from fastflow.config import load_config
     from fastflow.models import build_policy
 
-    if ck is not None and not ck.exists():
-        raise SystemExit(f"--checkpoint not found: {ck}")
-    is_model_file = ck is not None and (ck.suffix == ".safetensors" or (ck / "model.safetensors").is_file())
-    cfg = load_config(config, ["--model.path", str(ck)] if is_model_file else [])
+    path, is_model_file = ck if ck is not None else (None, False)
+    cfg = load_config(config, ["--model.path", str(path)] if is_model_file else [])
     policy = build_policy(cfg, device)
-    if ck is not None and not is_model_file:
-        load_checkpoint_into(policy, ck)
+    if path is not None and not is_model_file:
+        load_checkpoint_into(policy, path)
     return policy
 
 
 def main(argv=None) -> int:
+    """The command line; returns the exit code: 0, or 2 after one line ``evaluate: CAUSE`` on
+    stderr for bad input (arguments, config, prompt or weights files), found before any model
+    loads where it can be."""
     from fastflow.logs import setup_logging
 
     setup_logging()
-    args = parse_args(argv)
-    if args.min_category_images is not None and args.min_category_images < 0:
-        raise SystemExit(f"evaluate: --min-category-images must be >= 0 (0 = off), got {args.min_category_images}")
-    from fastflow.config import load_config
-    from fastflow.data import load_prompts
-
-    ck = Path(args.checkpoint) if args.checkpoint else None
-    cfg = load_config(args.config)
-    device_name = args.device or cfg.run.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    policy = _policy_for(args.config, ck, device)
-    baseline = None
-    if args.baseline:
-        baseline = _policy_for(args.config, None if args.baseline == "base" else Path(args.baseline), device)
-    if args.prompts:
-        texts = [p.text for p in load_prompts(args.prompts)]
-    elif cfg.data.eval_prompts:
-        texts = [p.text for p in load_prompts(cfg.data.eval_prompts)]
-    elif hasattr(policy, "default_prompts"):
+    try:
+        args = parse_args(argv)
+        plan = _plan(args)
+    except InputError as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    cfg, device = plan.cfg, plan.device
+    try:  # what only loading reveals: weights of another architecture or LoRA setting, a hub error
+        policy = _policy_for(args.config, plan.checkpoint, device)
+        baseline = None
+        if args.baseline:
+            baseline = _policy_for(args.config, plan.baseline, device)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+        print(f"evaluate: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    texts = plan.texts
+    if texts is None:
+        if not hasattr(policy, "default_prompts"):
+            print("evaluate: no prompts: give --prompts FILE or data.eval_prompts", file=sys.stderr)
+            return 2
         texts = [p.text for p in policy.default_prompts("eval")]
-    else:
-        raise SystemExit("evaluate: no prompts: give --prompts FILE or data.eval_prompts")
-    seeds = args.seeds or cfg.eval.seeds
-    min_cat = cfg.eval.min_category_images if args.min_category_images is None else args.min_category_images
-    steps = args.steps or cfg.sample.eval_steps
-    guidance = args.guidance or cfg.eval.guidance_scale or cfg.sample.guidance_scale
+    seeds, min_cat, steps, guidance = plan.seeds, plan.min_category_images, plan.steps, plan.guidance
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.model.dtype))
                 if cfg.model.dtype != "float32" else contextlib.nullcontext())
-    kw = dict(batch_size=args.batch or cfg.eval.batch_size, autocast=autocast, device=device, keep_images=True,
+    kw = dict(batch_size=plan.batch_size, autocast=autocast, device=device, keep_images=True,
               min_category_images=min_cat)
     res = evaluate_policy(policy, texts, seeds, steps, guidance, **kw)
-    write_results(res, args.out)
-    category_grid([res], Path(args.out) / "grid.png")
+    base_res = evaluate_policy(baseline, texts, seeds, steps, guidance, **kw) if baseline is not None else None
     print(f"{len(texts)} prompts x {seeds} seeds" + (f" (at least {min_cat} images per category)" if min_cat else "")
           + f", {len(res.records)} images, {steps} ODE steps, guidance {guidance}")
-    if baseline is not None:
-        base_res = evaluate_policy(baseline, texts, seeds, steps, guidance, **kw)
-        category_grid([base_res, res], Path(args.out) / "compare.png", labels=["baseline", "evaluated"])
+    if base_res is not None:
         print("baseline:")
         print(base_res.table())
         print("evaluated:")
     print(res.table())
-    print(f"wrote {args.out}/samples.jsonl, {args.out}/images/, {args.out}/grid.png")
+    try:
+        write_results(res, plan.out)
+        category_grid([res], plan.out / "grid.png")
+        if base_res is not None:
+            category_grid([base_res, res], plan.out / "compare.png", labels=["baseline", "evaluated"])
+    except OSError as e:  # a full disk, or a folder that the checks could not foresee (e.g. read-only)
+        print(f"evaluate: cannot write the results to {plan.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {plan.out}/samples.jsonl, {plan.out}/images/, {plan.out}/grid.png")
     return 0
 
 

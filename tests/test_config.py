@@ -267,6 +267,7 @@ def test_type_errors_in_code_built_configs_are_caught_by_validate():
     (["--eval.seeds", "0"], "config: eval.seeds (0) must be >= 1"),
     (["--eval.min_category_images", "-1"], "config: eval.min_category_images (-1) must be >= 0 (0 = off)"),
     (["--checkpoint.keep", "0"], "config: checkpoint.keep (0) must be >= 1"),
+    (["--checkpoint.every", "-1"], "config: checkpoint.every (-1) must be >= 0 (0 = only at the end)"),
     (["--model.lora_rank", "0"], "config: model.lora_rank (0) must be >= 1"),
     (["--sample.window_size", "11"], "config: sample.window_size (11) must be in [0, sample.train_steps (10)]"),
     (["--sample.window_size", "-1"], "config: sample.window_size (-1) must be in [0, sample.train_steps (10)]"),

@@ -76,9 +76,85 @@ def test_wire_round_trip_is_exact():
         parse_request({"images": encode_images(images[:2]), "prompts": ["a"]})
 
 
+def _get_health(url: str, token: str | None = None):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(url + "/health", headers=headers), timeout=10) as r:
+        return json.loads(r.read())
+
+
 def test_health(toy_server):
-    with urllib.request.urlopen(toy_server.url + "/health", timeout=10) as r:
-        assert json.loads(r.read()) == {"status": "ok", "reward": "toy_color"}
+    # No token needed (liveness probes), but a presented one is checked.
+    assert _get_health(toy_server.url) == {"status": "ok", "reward": "toy_color", "token_required": True}
+    assert _get_health(toy_server.url, TOKEN)["status"] == "ok"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get_health(toy_server.url, "wrong")
+    assert e.value.code == 401
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_health_up_down_wrong_token_wrong_reward(toy_server):
+    from fastflow.rewards.remote import check_health
+
+    assert check_health(toy_server.url, TOKEN, reward="toy_color")["reward"] == "toy_color"
+    with pytest.raises(RemoteRewardError, match="rejected the token"):
+        check_health(toy_server.url, "wrong")
+    with pytest.raises(RemoteRewardError, match="requires a token"):
+        check_health(toy_server.url, None)
+    with pytest.raises(RemoteRewardError, match="serves 'toy_color', the config expects 'ocr'"):
+        check_health(toy_server.url, TOKEN, reward="ocr")
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    with pytest.raises(RemoteRewardError, match=f"{down} is unreachable: .*refused"):
+        check_health(down)
+    t0 = time.monotonic()
+    with pytest.raises(RemoteRewardError, match=r"unreachable \(waited 1 s\)"):
+        check_health(down, wait=1.0)
+    assert 0.9 <= time.monotonic() - t0 < 3
+
+
+def test_check_served_rewards_names_the_reward_url_and_cause(toy_server, monkeypatch):
+    from fastflow.config import ConfigError
+    from fastflow.rewards.remote import check_served_rewards
+
+    monkeypatch.delenv("FASTFLOW_REWARD_TOKEN", raising=False)
+    good = {"url": toy_server.url, "reward": "toy_color", "token": TOKEN, "startup_wait": 0}
+    assert check_served_rewards({"remote": 1.0, "toy_color": 0.5}, {"remote": good}) is None
+    assert check_served_rewards({"shapes": 1.0}, {}) is None  # nothing served: nothing asked
+    down = f"http://127.0.0.1:{_free_port()}"
+    up = toy_server.url
+    cases = [({**good, "url": down}, f"reward remote: remote reward at {down} is unreachable: .*refused"),
+             ({**good, "token": "wrong"}, f"reward remote: remote reward at {up}: the server rejected the token"),
+             ({**good, "reward": "pickscore"},
+              f"reward remote: remote reward at {up}: serves 'toy_color', the config expects 'pickscore'"),
+             ({**good, "url": "localhost:1"}, "reward.options.remote: remote reward: option url must be http"),
+             ({**good, "tokn": "x"}, "reward.options.remote.tokn is not an option of a served reward")]
+    for opts, pattern in cases:
+        with pytest.raises(ValueError, match=pattern) as e:
+            check_served_rewards({"remote": 1.0}, {"remote": opts})
+        assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+
+
+def test_check_health_waits_for_a_server_that_is_still_starting():
+    from fastflow.rewards.remote import check_health
+
+    port = _free_port()
+    result: list = []
+    waiter = threading.Thread(target=lambda: result.append(
+        check_health(f"http://127.0.0.1:{port}", reward="toy_color", wait=60)), daemon=True)
+    waiter.start()
+    time.sleep(0.5)  # the check is already retrying when the server starts
+    server = Server("toy_color", "--port", str(port))
+    try:
+        waiter.join(30)
+        assert result and result[0]["reward"] == "toy_color" and result[0]["token_required"] is False
+    finally:
+        server.stop()
 
 
 def test_remote_equals_in_process_with_batching(toy_server):
@@ -176,3 +252,58 @@ def test_server_cli_errors():
         build_reward("remote", url="127.0.0.1:1")
     with pytest.raises(FileNotFoundError, match="token_file not found"):
         build_reward("remote", url="http://127.0.0.1:1", token_file="/nonexistent/token")
+
+
+def test_server_refuses_a_negative_content_length_at_once(toy_server):
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(toy_server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Length: -5\r\n\r\n".encode())
+        chunks = []   # before: the handler read until EOF and never answered
+        while chunk := s.recv(4096):   # the server closes the connection after the reply
+            chunks.append(chunk)
+        reply = b"".join(chunks).decode()
+    assert reply.startswith("HTTP/1.1 400") and "Content-Length -5" in reply
+
+
+@pytest.mark.parametrize("argv, cause", [
+    (["--reward", "nope"], "unknown reward 'nope'; known: "),
+    (["--reward", "toy_color", "--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["--reward", "toy_color", "--max-body-mb", "0"], "--max-body-mb must be >= 1, got 0"),
+    (["--reward", "toy_color", "--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--reward", "toy_color", "--port", "0", "--option", "colour=red"],
+     "--option for toy_color: ColorReward.__init__() got an unexpected keyword argument 'colour'"),
+    (["--reward", "toy_color", "--port", "0", "--token-file", "/nonexistent/token"],
+     "--token-file: no such file: /nonexistent/token"),
+])
+def test_server_cli_bad_input_is_one_line_and_exit_2(argv, cause, capsys):
+    from fastflow.rewards import serve
+
+    with pytest.raises(SystemExit) as e:
+        serve.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastflow.rewards.serve: {cause}")
+
+
+def test_server_cli_port_in_use_fails_before_the_reward_loads(monkeypatch, capsys):
+    import socket
+
+    from fastflow.rewards import serve
+
+    def refuse(*a, **k):
+        raise AssertionError("the reward was built before the port was bound")
+    monkeypatch.setattr(serve, "build_reward", refuse)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            serve.main(["--reward", "toy_color", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"fastflow.rewards.serve: 127.0.0.1:{port}: ")
+    assert "in use" in err and len(err.strip().splitlines()) == 1

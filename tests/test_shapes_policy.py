@@ -211,9 +211,9 @@ def test_evaluate_policy_balances_categories_and_keeps_the_plain_seeds():
     assert mixed.image_accuracy == pytest.approx((5 / 6 + 3 * 1.0) / 4)  # a mean over prompts
 
 
-def test_evaluate_cli_rejects_a_negative_min_category_images(tmp_path):
-    with pytest.raises(SystemExit, match="min-category-images must be >= 0"):
-        evaluate.main(["--min-category-images", "-2", "--out", str(tmp_path / "ev")])
+def test_evaluate_cli_rejects_a_negative_min_category_images(tmp_path, capsys):
+    assert evaluate.main(["--min-category-images", "-2", "--out", str(tmp_path / "ev")]) == 2
+    assert capsys.readouterr().err == "evaluate: --min-category-images must be >= 0, got -2\n"
 
 
 def test_evaluate_rejects_bad_arguments():

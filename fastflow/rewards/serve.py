@@ -3,8 +3,11 @@
     python -m fastflow.rewards.serve --reward ocr [--port 8765] [--host 127.0.0.1]
         [--token-file F | env FASTFLOW_REWARD_TOKEN] [--device cuda:0] [--option key=value ...]
 
-Endpoints: GET /health -> {"status": "ok", "reward": NAME}; POST /score (see fastflow.rewards.wire).
-With a token, /score needs the header ``Authorization: Bearer TOKEN`` (compared in constant time).
+Endpoints: GET /health -> {"status": "ok", "reward": NAME, "token_required": BOOL}; POST /score (see
+fastflow.rewards.wire). With a token, /score needs the header ``Authorization: Bearer TOKEN``
+(compared in constant time). /health answers without one (liveness probes need no secret), but
+checks a token that a request presents (401 when wrong), so a client can test its token before a
+run (fastflow.rewards.remote.check_health).
 Binds to 127.0.0.1 unless --host says otherwise. Prints one line "serving REWARD on http://HOST:PORT"
 once ready (with --port 0 the OS picks the port, and that line tells it).
 """
@@ -20,6 +23,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -65,10 +69,15 @@ class RewardServer(ThreadingHTTPServer):
         self.name, self.reward, self.token, self.max_body = name, reward, token, max_body
         self.lock = threading.Lock()
 
+    def handle_error(self, request, client_address):
+        # A client that vanished or stalled mid-request is its own problem: one line, no traceback.
+        log.warning("request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
     protocol_version = "HTTP/1.1"
+    timeout = 300  # s of socket silence before a stalled client's thread gives up (e.g. a short body)
 
     def log_message(self, fmt, *args):  # route through logging instead of raw stderr
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -81,27 +90,39 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _token_ok(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        return hmac.compare_digest(given.encode(), self.server.token.encode())
+
+    def _refuse(self, status: int, message: str) -> None:
+        """An error reply before the body was read: close the connection, so that unread body
+        bytes are never parsed as the next request."""
+        self.close_connection = True
+        self._reply(status, {"error": message})
+
     def do_GET(self):
         if self.path.rstrip("/") == "/health":
-            self._reply(200, {"status": "ok", "reward": self.server.name})
+            token = self.server.token
+            if token is not None and "Authorization" in self.headers and not self._token_ok():
+                return self._reply(401, {"error": "wrong token"})
+            self._reply(200, {"status": "ok", "reward": self.server.name, "token_required": token is not None})
         else:
             self._reply(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
 
     def do_POST(self):
         if self.path.rstrip("/") != "/score":
-            return self._reply(404, {"error": f"unknown path {self.path}; use POST /score"})
-        token = self.server.token
-        if token is not None:
-            auth = self.headers.get("Authorization", "")
-            given = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return self._reply(401, {"error": "missing or wrong token"})
+            return self._refuse(404, f"unknown path {self.path}; use POST /score")
+        if self.server.token is not None and not self._token_ok():
+            return self._refuse(401, "missing or wrong token")
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            return self._reply(411, {"error": "Content-Length required"})
+            return self._refuse(411, "Content-Length required")
+        if length < 0:
+            return self._refuse(400, f"bad request: Content-Length {length}")
         if length > self.server.max_body:
-            return self._reply(413, {"error": f"body of {length} bytes exceeds {self.server.max_body}"})
+            return self._refuse(413, f"body of {length} bytes exceeds {self.server.max_body}")
         try:
             images, prompts, metadata = parse_request(json.loads(self.rfile.read(length)))
         except (ValueError, json.JSONDecodeError) as e:
@@ -120,8 +141,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"scores": scores, "reward": self.server.name})
 
 
+def _fail(message) -> NoReturn:
+    print(f"fastflow.rewards.serve: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None) -> None:
-    """Command-line entry point: parse arguments, build the reward, serve until interrupted."""
+    """Command-line entry point: check the arguments, bind the port, build the reward, serve until
+    interrupted. Bad input is one line on stderr and exit code 2, before the reward's model loads."""
     p = argparse.ArgumentParser(prog="python -m fastflow.rewards.serve", description=__doc__.split("\n")[0])
     p.add_argument("--reward", required=True, help=f"registered reward: {', '.join(sorted(REGISTRY))}")
     p.add_argument("--host", default="127.0.0.1")
@@ -133,12 +160,34 @@ def main(argv=None) -> None:
     p.add_argument("--max-body-mb", type=int, default=256)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Cheap checks first, then the port (a port in use fails in a second, not after the model
+    # loaded); clients that connect while the reward loads wait in the listen queue.
+    if args.reward not in REGISTRY:
+        _fail(f"unknown reward {args.reward!r}; known: {', '.join(sorted(REGISTRY))}")
+    if not 0 <= args.port <= 65535:
+        _fail(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_mb < 1:
+        _fail(f"--max-body-mb must be >= 1, got {args.max_body_mb}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        _fail(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _fail(f"--device {args.device}: CUDA is not available here")
     try:
         token = read_token(args.token_file)
-        reward = build_reward(args.reward, args.device, **dict(args.option))
-        server = RewardServer((args.host, args.port), args.reward, reward, token, args.max_body_mb << 20)
+        server = RewardServer((args.host, args.port), args.reward, None, token, args.max_body_mb << 20)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(f"{args.host}:{args.port}: {e}" if isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+              else e)
+    try:
+        server.reward = build_reward(args.reward, args.device, **dict(args.option))
+    except TypeError as e:  # an --option the reward's factory does not take
+        server.server_close()
+        _fail(f"--option for {args.reward}: {e}")
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        sys.exit(f"fastflow.rewards.serve: {e}")
+        server.server_close()
+        _fail(e)
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a token: anyone who can reach it can use the reward", args.host)
     host, port = server.server_address[:2]

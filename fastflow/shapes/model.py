@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastflow.shapes.world import vocabulary
+from fastflow.shapes.world import MAX_PROMPT_WORDS, vocabulary
 
 PAD, EMPTY = 0, 1
 SPECIALS = ["<pad>", "<empty>"]
@@ -35,7 +35,7 @@ class ModelConfig:
     """Architecture of the shapes model (stored in the weights file's metadata)."""
 
     vocab: list[str] = field(default_factory=lambda: SPECIALS + vocabulary())
-    max_tokens: int = 8
+    max_tokens: int = MAX_PROMPT_WORDS
     text_dim: int = 64
     text_layers: int = 2
     channels: tuple[int, int, int] = (24, 48, 96)

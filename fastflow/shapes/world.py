@@ -7,6 +7,7 @@ the same scenes, so pretraining data, tests and evaluations are reproducible.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Sequence
@@ -31,6 +32,9 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 CATEGORIES: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 MIN_SIZE, MAX_SIZE = 7, 11
 MAX_OBJECTS = 4
+MAX_PROMPT_WORDS = 8
+"""Words the text encoder reads (fastflow.shapes.model.ModelConfig.max_tokens); the longest grammar
+prompt has 7."""
 POSITION_MARGIN = 4.0
 """Centroid offset (px) that makes a spatial relation true."""
 
@@ -95,6 +99,11 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+@functools.cache
+def _vocabulary_set() -> frozenset[str]:
+    return frozenset(vocabulary())
+
+
 def parse_prompt(text: str) -> PromptSpec:
     """Parse a grammar prompt; a clear ValueError for anything the grammar cannot produce."""
     words = text.strip().lower().split()
@@ -144,6 +153,25 @@ def parse_prompt(text: str) -> PromptSpec:
                 return PromptSpec(norm, "position", (ObjectSpec(a), ObjectSpec(b)), rel)
     raise ValueError(f"shapes prompt {text!r} is not in the grammar (e.g. 'a red circle', 'two squares', "
                      f"'a circle left of a square')")
+
+
+def check_prompt(text: str, *, grammar: bool = True) -> None:
+    """Raise a one-line ValueError for a prompt the shapes model cannot take: the first word
+    outside the vocabulary (named, with the known words), more words than the text encoder reads
+    (MAX_PROMPT_WORDS), or, with ``grammar``, a prompt the grammar cannot produce (which the
+    verifier, the shapes reward and the per-category evaluation need)."""
+    words = text.strip().lower().split()
+    if not words:
+        raise ValueError("empty prompt (the shapes model reserves \"\" for the unconditional prompt)")
+    unknown = [w for w in words if w not in _vocabulary_set()]
+    if unknown:
+        raise ValueError(f"shapes prompt {text.strip()!r}: word {unknown[0]!r} is not in the shapes "
+                         f"vocabulary ({', '.join(vocabulary())})")
+    if len(words) > MAX_PROMPT_WORDS:
+        raise ValueError(f"shapes prompt {text.strip()!r} has {len(words)} words; the text encoder "
+                         f"reads at most {MAX_PROMPT_WORDS}")
+    if grammar:
+        parse_prompt(text)
 
 
 def category_of(text: str) -> str:
