@@ -97,6 +97,35 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def check_checkpoint(path: Path) -> None:
+    """Cheap checks that ``path`` is a readable fastflow checkpoint (headers only, no tensor data):
+    raises ValueError in one line naming the file otherwise. For refusing a bad --resume before
+    anything heavy loads."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: state.json unreadable ({e})") from None
+    if is_sharded_checkpoint(path):
+        return
+    for name in ("trainable.safetensors", "ema.safetensors"):
+        f = path / name
+        if name == "ema.safetensors" and not f.exists():
+            continue
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {path}: {name} is not a readable safetensors file ({first})") from None
+    if not zipfile.is_zipfile(path / "optimizer.pt"):
+        raise ValueError(f"checkpoint {path}: optimizer.pt is missing or not a torch.save file")
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Returns {"trainable", "ema" (or None), "optimizer", "state"}."""
     path = Path(path)

@@ -98,6 +98,17 @@ class ModelConfig:
     compile: bool = opt(False, "torch.compile the denoiser (sd3/flux: the transformer and its frozen "
                                "copy; shapes: text encoder and UNet of the trained, reference and "
                                "sampling copies, which ran 0.9x on a one-thread CPU, so off there).")
+    attention: str = opt("auto", "Attention kernels of every forward on CUDA (rollout, training recompute and "
+                                 "KL reference alike, so recorded log-probs are reproduced): sdpa = PyTorch "
+                                 "SDPA with cuDNN, flash, memory-efficient first; flash = also diffusers' "
+                                 "flash-attn backend (needs flash_attn); auto = flash when installed, else "
+                                 "sdpa; none = PyTorch's own choice. No effect off CUDA.",
+                         choices=("auto", "sdpa", "flash", "none"))
+    offload_text_encoders: bool = opt(True, "sd3/flux: encode the training and evaluation prompt lists once "
+                                            "(over the ranks, cached on disk: data.prompt_cache), then move "
+                                            "the text encoders to host memory (about 11 GB of bf16 weights "
+                                            "for SD3.5's CLIP-L/G + T5-XXL); prompts outside the lists are "
+                                            "then encoded on the CPU. false = keep them on the device.")
 
 
 @dataclass
@@ -187,6 +198,9 @@ class DataConfig:
                                  "the model's built-in list.")
     eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl); \"\" = the model's "
                                 "built-in list.")
+    prompt_cache: str = opt("", "sd3/flux: folder of the on-disk prompt-embedding cache, keyed by model, "
+                                "encoder settings and prompt list (reused by later runs); \"\" = "
+                                "$FASTFLOW_CACHE or ~/.cache/fastflow; \"off\" = no disk cache.")
 
 
 @dataclass
@@ -197,6 +211,9 @@ class RewardConfig:
                                                      "fastflow/rewards/__init__.py.")
     options: dict[str, dict] = opt({}, "Reward name -> table of keyword options for that reward's factory, "
                                        "e.g. {ocr = {engine = \"rapidocr\"}} or a server url.")
+    device: str = opt("", "Where in-process rewards run: \"\" = the rank's device (its GPU; CLIP-based "
+                          "scorers then run in bf16), or cpu / cuda. One reward can override it with "
+                          "reward.options.NAME.device. Served rewards (remote) load nothing locally.")
 
 
 @dataclass
@@ -853,6 +870,12 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
             raise ConfigError(f"config: reward.weights.{name} is not a registered reward{tail}")
         need(math.isfinite(w), f"reward.weights.{name} ({w}) must be finite")
     need(any(w != 0 for w in weights.values()), "reward.weights are all 0: nothing to optimise")
+    devices = {"reward.device": cfg.reward.device}
+    devices.update({f"reward.options.{n}.device": o.get("device") for n, o in options.items()
+                    if isinstance(o, dict) and "device" in o})
+    for key, dev in devices.items():
+        need(isinstance(dev, str) and re.fullmatch(r"|cpu|cuda(:\d+)?", dev) is not None,
+             f"{key} must be \"\" (the rank's device), cpu, cuda or cuda:N; got {_show(dev)}")
     for name in options:
         if name not in weights:
             hint = _suggest(name, list(weights))

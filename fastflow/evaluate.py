@@ -586,8 +586,9 @@ def main(argv=None) -> int:
             return 2
         texts = [p.text for p in policy.default_prompts("eval")]
     seeds, min_cat, steps, guidance = plan.seeds, plan.min_category_images, plan.steps, plan.guidance
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.model.dtype))
-                if cfg.model.dtype != "float32" else contextlib.nullcontext())
+    from fastflow.runtime import forward_context
+
+    autocast = forward_context(cfg, device)  # the trainer's forward: model.dtype autocast, model.attention
     kw = dict(batch_size=plan.batch_size, autocast=autocast, device=device, keep_images=True,
               min_category_images=min_cat)
     res = evaluate_policy(policy, texts, seeds, steps, guidance, **kw)

@@ -43,7 +43,6 @@ parameter is replaced by a new tensor (``p.data = ...``) the programs are captur
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import weakref
 from collections import OrderedDict
@@ -54,42 +53,12 @@ from torch import Tensor
 
 from fastflow import ops
 from fastflow.rollout import Cond, Policy, Trajectory, _cond_batch, _cond_device, _NoiseSource, sample
+from fastflow.runtime import ForwardContext, attention_context  # noqa: F401  (attention_context: re-exported)
 
 log = logging.getLogger("fastflow.graphs")
 
 MODES = ("graph", "compile", "static", "eager")
 NOISE_MODES = ("auto", "host", "philox")
-ATTENTION = ("auto", "sdpa", "flash", "none")
-
-
-def attention_context(attention: str, device: torch.device) -> ContextManager:
-    """The attention kernels the transformer runs with on ``device``.
-
-    "sdpa": PyTorch's scaled_dot_product_attention restricted to its fast backends in priority
-    order cuDNN, flash, memory-efficient (math only as the last resort); "flash": additionally
-    diffusers' flash-attn backend for models that dispatch through it (needs the flash_attn
-    package); "auto": "flash" when flash_attn is installed, else "sdpa"; "none": leave as is.
-    Off CUDA every choice is a no-op.
-    """
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-    if device.type != "cuda" or attention == "none":
-        return contextlib.nullcontext()
-    if attention == "auto":
-        attention = "flash" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    stack = contextlib.ExitStack()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    stack.enter_context(sdpa_kernel(order, set_priority=True))
-    if attention == "flash":
-        if importlib.util.find_spec("flash_attn") is None:
-            raise RuntimeError("attention='flash' needs the flash_attn package")
-        from diffusers.models.attention_dispatch import attention_backend
-
-        stack.enter_context(attention_backend("flash"))
-    return stack
 
 
 def _freeze(value):
@@ -103,6 +72,8 @@ def _freeze(value):
 def _autocast_dtype(autocast) -> Any:
     if autocast is None:
         return None
+    if isinstance(autocast, ForwardContext):
+        return autocast.key
     if isinstance(autocast, torch.autocast):
         return (autocast.device, autocast.fast_dtype, bool(autocast._enabled))
     return ("opaque", id(autocast))
@@ -113,6 +84,8 @@ def _fresh_autocast(autocast) -> ContextManager:
     during a capture would be freed on exit while the graph still points at them."""
     if autocast is None:
         return contextlib.nullcontext()
+    if isinstance(autocast, ForwardContext):
+        return autocast.without_cast_cache()
     if isinstance(autocast, torch.autocast):
         return torch.autocast(autocast.device, dtype=autocast.fast_dtype,
                               enabled=bool(autocast._enabled), cache_enabled=False)
@@ -124,11 +97,11 @@ class _Program:
 
     def __init__(self, policy: Policy, *, batch: int, num_steps: int, guidance_scale: float,
                  noise_level: float, kind: str, window: range, noise: str, cond: Cond, autocast,
-                 attention: str, device: torch.device):
+                 device: torch.device):
         self.policy, self.device = policy, device
         self.batch, self.num_steps, self.kind = batch, num_steps, kind
         self.guidance_scale, self.noise_level, self.noise = guidance_scale, noise_level, noise
-        self.autocast, self.attention = autocast, attention
+        self.autocast = autocast
         self.sigmas = policy.sigmas(num_steps).to(torch.float32)
         self.sig_dev = self.sigmas.to(device)
         self.guard = float(self.sigmas[1])
@@ -165,28 +138,27 @@ class _Program:
         """The rollout on the static buffers; what the graph captures."""
         x = self.x0
         k = 0
-        with attention_context(self.attention, self.device):
-            for i in range(self.num_steps):
-                s = self.sig_dev[i].expand(self.batch)
-                s_next = self.sig_dev[i + 1].expand(self.batch)
-                with _fresh_autocast(self.autocast):
-                    v = self.policy.velocity(x, s, self.cond, guidance_scale=self.guidance_scale)
-                step_kind = self.step_kinds[i]
-                common = dict(noise_level=self.noise_level, kind=step_kind, sigma_guard=self.guard,
-                              need_mean=False)
-                if step_kind == "ode":
-                    out = ops.sde_step(x, v, s, s_next, **common)
-                elif self.noise == "host":
-                    out = ops.sde_step(x, v, s, s_next, noise=self.noise_buf[k], **common)
-                else:
-                    out = ops.sde_step_philox(x, v, s, s_next, seed=self.seed, offset=self.offset,
-                                              **common)
-                if step_kind != "ode":
-                    self.out_latents[:, k].copy_(x)
-                    self.out_next[:, k].copy_(out.prev_sample)
-                    self.out_log_probs[:, k].copy_(out.log_prob)
-                    k += 1
-                x = out.prev_sample
+        for i in range(self.num_steps):
+            s = self.sig_dev[i].expand(self.batch)
+            s_next = self.sig_dev[i + 1].expand(self.batch)
+            with _fresh_autocast(self.autocast):
+                v = self.policy.velocity(x, s, self.cond, guidance_scale=self.guidance_scale)
+            step_kind = self.step_kinds[i]
+            common = dict(noise_level=self.noise_level, kind=step_kind, sigma_guard=self.guard,
+                          need_mean=False)
+            if step_kind == "ode":
+                out = ops.sde_step(x, v, s, s_next, **common)
+            elif self.noise == "host":
+                out = ops.sde_step(x, v, s, s_next, noise=self.noise_buf[k], **common)
+            else:
+                out = ops.sde_step_philox(x, v, s, s_next, seed=self.seed, offset=self.offset,
+                                          **common)
+            if step_kind != "ode":
+                self.out_latents[:, k].copy_(x)
+                self.out_next[:, k].copy_(out.prev_sample)
+                self.out_log_probs[:, k].copy_(out.log_prob)
+                k += 1
+            x = out.prev_sample
         self.out_final.copy_(x)
 
     def capture(self, warmup: int = 2) -> None:
@@ -211,11 +183,11 @@ class _Program:
 
     def trajectory(self, cond: Cond, prompt_ids: Tensor | None) -> Trajectory:
         """The outputs, copied out of the static buffers."""
-        idx = torch.tensor(self.recorded, dtype=torch.long)
+        idx = torch.tensor(self.recorded, dtype=torch.long, device=self.device)
         return Trajectory(
             latents=self.out_latents.clone(), next_latents=self.out_next.clone(),
-            log_probs=self.out_log_probs.clone(), sigmas=self.sigmas[idx],
-            sigmas_next=self.sigmas[idx + 1], step_indices=idx, sigma_guard=self.guard,
+            log_probs=self.out_log_probs.clone(), sigmas=self.sig_dev[idx],
+            sigmas_next=self.sig_dev[idx + 1], step_indices=idx, sigma_guard=self.guard,
             final=self.out_final.clone(),
             prompt_ids=prompt_ids if prompt_ids is not None else torch.arange(self.batch),
             cond=dict(cond))
@@ -243,21 +215,20 @@ class GraphedSampler:
     """fastflow.rollout.sample() for one policy, captured as CUDA graphs; see the module docstring.
 
     mode: "graph" | "compile" | "static" | "eager"; noise: "auto" | "host" | "philox";
-    attention: "auto" | "sdpa" | "flash" | "none" (see attention_context); max_programs: how many
-    captured shapes are kept (least recently used dropped; each holds its activations' memory).
+    max_programs: how many captured shapes are kept (least recently used dropped; each holds its
+    activations' memory). The attention kernels and compute dtype are the call's ``autocast``
+    (a fastflow.runtime.ForwardContext: the same one the training recompute uses).
     """
 
     def __init__(self, policy: Policy, *, mode: str = "graph", noise: str = "auto",
-                 attention: str = "auto", max_programs: int = 4, warmup: int = 2):
+                 max_programs: int = 4, warmup: int = 2):
         if mode not in MODES:
             raise ValueError(f"GraphedSampler mode must be one of {MODES}, got {mode!r}")
         if noise not in NOISE_MODES:
             raise ValueError(f"GraphedSampler noise must be one of {NOISE_MODES}, got {noise!r}")
-        if attention not in ATTENTION:
-            raise ValueError(f"GraphedSampler attention must be one of {ATTENTION}, got {attention!r}")
         if max_programs < 1:
             raise ValueError(f"max_programs must be >= 1, got {max_programs}")
-        self.policy, self.mode, self.noise, self.attention = policy, mode, noise, attention
+        self.policy, self.mode, self.noise = policy, mode, noise
         self._on_cuda = False  # device of the last call: decides how loud a fallback is
         self.max_programs, self.warmup = max_programs, warmup
         self.programs: OrderedDict[tuple, _Program] = OrderedDict()
@@ -363,7 +334,7 @@ class GraphedSampler:
             program = _Program(self.policy, batch=batch, num_steps=num_steps,
                                guidance_scale=guidance_scale, noise_level=noise_level, kind=kind,
                                window=window, noise=noise, cond=cond, autocast=autocast,
-                               attention=self.attention, device=device)
+                               device=device)
             program.load(x0.to(device), cond, source, seed)
             if self.mode == "graph":
                 try:

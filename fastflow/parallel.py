@@ -64,6 +64,49 @@ def full_state_dict(root: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A copy of ``module``'s structure whose parameters and buffers live on the meta device (no
+    memory), parameters cast to ``dtype`` when given; fill it with ``to_empty`` + ``copy_weights_``.
+    For a frozen reference copy that must not exist in full on any rank before it is sharded."""
+    import copy
+
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta", dtype=dtype or p.dtype),
+                                   requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)
+
+
+@torch.no_grad()
+def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
+    """Copy ``src``'s parameters and buffers into ``dst`` (same structure), casting to ``dst``'s
+    dtypes. FSDP2-sharded pairs copy their local shards only (both must be sharded alike, e.g. by
+    the same ``apply_fsdp`` call pattern); nothing is gathered."""
+    sp, dp = dict(src.named_parameters()), dict(dst.named_parameters())
+    if sp.keys() != dp.keys():
+        raise ValueError(f"copy_weights_: the modules differ ({len(sp)} vs {len(dp)} parameters)")
+    for n, d in dp.items():
+        s_local, d_local = local(sp[n].detach()), local(d.detach())
+        if s_local.shape != d_local.shape:
+            raise ValueError(f"copy_weights_: {n} is laid out differently ({tuple(s_local.shape)} vs "
+                             f"{tuple(d_local.shape)}): shard both copies the same way")
+        d_local.copy_(s_local)
+    sb = dict(src.named_buffers())
+    for n, b in dst.named_buffers():
+        b.copy_(sb[n])
+
+
+def will_shard(cfg, world_size: int) -> bool:
+    """Whether a run of ``cfg`` at ``world_size`` ranks will use FSDP2 (what resolve_strategy
+    decides for the diffusers policies, whose trainable share is small for LoRA and all for full
+    fine-tuning), known before the model is built: such a policy keeps its transformer in host
+    memory for FSDP2 to place shard by shard, instead of a full copy on every device first."""
+    strategy = cfg.distributed.strategy
+    return world_size > 1 and (strategy == "fsdp" or (strategy == "auto" and cfg.model.finetune == "full"))
+
+
 def policy_modules(policy) -> tuple[nn.Module, list[nn.Module]] | None:
     """The policy's ``parallel_modules()`` (root, blocks), or None when it has no such hook."""
     hook = getattr(policy, "parallel_modules", None)
@@ -107,13 +150,17 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
 
 
 def apply_fsdp(root: nn.Module, blocks: list[nn.Module], *, param_dtype: torch.dtype | None = None,
-               cpu_offload: bool = False, reshard_after_forward: bool = True, mesh=None) -> nn.Module:
+               cpu_offload: bool = False, reshard_after_forward: bool = True, mesh=None,
+               master_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard ``root`` with FSDP2: ``fully_shard`` on every block, then on the root.
 
     ``param_dtype`` bf16 gathers bf16 weights for compute while the sharded master weights stay
-    fp32 and gradients are reduced in fp32. ``cpu_offload`` keeps the shards (and hence the
-    optimizer state) in host memory. ``reshard_after_forward`` governs training forwards; rollouts
-    override it with ``gathered_for_rollout``.
+    fp32 and gradients are reduced in fp32. ``master_dtype`` (float32 for full fine-tuning): the
+    parameters that require grad are cast to it block by block, right before their block is
+    sharded, so a model loaded in bf16 never exists as a full fp32 copy. ``cpu_offload`` keeps the
+    shards (and hence the optimizer state) in host memory. ``reshard_after_forward`` governs
+    training forwards; rollouts override it with ``gathered_for_rollout``. A module still in host
+    memory is moved to the mesh's device block by block as it is sharded.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -124,8 +171,16 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module], *, param_dtype: torch.d
         kw["offload_policy"] = CPUOffloadPolicy()
     if mesh is not None:
         kw["mesh"] = mesh
+    def cast(module: nn.Module) -> None:
+        if master_dtype is not None:
+            for p in module.parameters():
+                if p.requires_grad and p.dtype != master_dtype and not is_dtensor(p):
+                    p.data = p.data.to(master_dtype)
+
     for b in blocks:
+        cast(b)
         fully_shard(b, reshard_after_forward=reshard_after_forward, **kw)
+    cast(root)
     fully_shard(root, reshard_after_forward=reshard_after_forward, **kw)
     return root
 
@@ -183,7 +238,24 @@ def sync_gradients_(params: Iterable[Tensor], info: DistInfo, bucket_mb: float =
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    grads = [p.grad for p in params if p.grad is not None and not is_dtensor(p.grad)]
+    # Bucket over the fixed parameter list, never over "the grads this rank has": a rank whose
+    # backward left some gradient unset (None) would otherwise build other buckets than its peers,
+    # and the collectives would pair wrong sizes or hang. Which parameters have a gradient on ANY
+    # rank is agreed first (one small all-reduce); those get zeros where a rank has none, the rest
+    # stay None everywhere (so the optimizer skips them on every rank, as in a one-rank run).
+    replicated = [p for p in params if not is_dtensor(p)]
+    if not replicated:
+        return
+    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
+    present = torch.tensor([float(p.grad is not None) for p in replicated], device=dev)
+    dist.all_reduce(present, op=dist.ReduceOp.SUM)
+    grads = []
+    for p, n in zip(replicated, present.tolist()):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
     limit = int(bucket_mb * 2**20)
     buckets: dict[tuple, list[list[Tensor]]] = {}
     for g in grads:  # one bucket list per (dtype, device): a flat buffer has one of each

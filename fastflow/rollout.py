@@ -104,7 +104,8 @@ class Trajectory:
     latents / next_latents: ``[B, K, *latent_shape]`` float32: the state before and after each
         recorded transition (``x_j`` and ``x_{j+1}``).
     log_probs: ``[B, K]`` float32 log-prob of each recorded transition under the sampling policy.
-    sigmas / sigmas_next: ``[K]`` the transition's times; step_indices: ``[K]`` its index in the grid.
+    sigmas / sigmas_next: ``[K]`` the transition's times, on the latents' device (the training pass
+        reads them there without a copy); step_indices: ``[K]`` its index in the grid (same device).
     sigma_guard: the grid's ``sigmas[1]`` (stands in for sigma == 1 in the SDE).
     final: ``[B, *latent_shape]`` the last state (decoded for rewards).
     prompt_ids: ``[B]`` long (index into the prompt list, the group id); cond: the conditioning.
@@ -218,12 +219,13 @@ def sample(
     x = latents.to(torch.float32)
     sigmas = policy.sigmas(num_steps).to(torch.float32)
     guard = float(sigmas[1])
+    sigmas = sigmas.to(device)  # once: no host-to-device copy per step
     window = range(num_steps) if window is None else window
     record = kind != "ode"
     xs, xs_next, lps, rec = [], [], [], []
     for i in range(num_steps):
-        s = sigmas[i].expand(batch).to(device)
-        s_next = sigmas[i + 1].expand(batch).to(device)
+        s = sigmas[i].expand(batch)
+        s_next = sigmas[i + 1].expand(batch)
         with autocast or contextlib.nullcontext():
             v = policy.velocity(x, s, cond, guidance_scale=guidance_scale)
         step_kind = kind if (record and i in window) else "ode"
@@ -237,7 +239,7 @@ def sample(
             rec.append(i)
         x = out.prev_sample
     shape = (batch, 0, *x.shape[1:])
-    idx = torch.tensor(rec, dtype=torch.long)
+    idx = torch.tensor(rec, dtype=torch.long, device=sigmas.device)
     return Trajectory(
         latents=torch.stack(xs, 1) if xs else x.new_zeros(shape),
         next_latents=torch.stack(xs_next, 1) if xs else x.new_zeros(shape),
@@ -269,7 +271,7 @@ def recompute_step(policy: Policy, traj: Trajectory, j: int, *, guidance_scale: 
                    autocast: ContextManager | None = None, reference: bool = False) -> Velocity:
     """The (policy or reference) velocity at recorded step ``j`` of ``traj``, as in the rollout."""
     batch = traj.batch_size
-    s = traj.sigmas[j].expand(batch).to(traj.latents.device)
+    s = traj.sigmas[j].expand(batch).to(traj.latents.device)  # no-op: recorded on that device
     ctx = policy.reference() if reference else contextlib.nullcontext()
     with ctx, (autocast or contextlib.nullcontext()):
         return policy.velocity(traj.latents[:, j], s, traj.cond, guidance_scale=guidance_scale)

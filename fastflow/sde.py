@@ -156,11 +156,11 @@ def sde_step(
 
     if kind == "sde":
         at_one = s == 1
-        if bool(at_one.any()):
-            if sigma_guard is None:
-                raise ValueError("sde_step: sigma == 1 needs sigma_guard (the grid's sigmas[1]) "
-                                 "to stand in for sigma in 1/(1 - sigma)")
+        if sigma_guard is not None:  # no host sync: the guard stands in wherever sigma == 1
             s_den = torch.where(at_one, _per_sample(sigma_guard, batch, ndim, dtype, dev), s)
+        elif bool(at_one.any()):
+            raise ValueError("sde_step: sigma == 1 needs sigma_guard (the grid's sigmas[1]) "
+                             "to stand in for sigma in 1/(1 - sigma)")
         else:
             s_den = s
         std_t = noise_level * torch.sqrt(s / (1 - s_den))

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fastflow import ops
-from fastflow.checkpoint import (is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
+from fastflow.checkpoint import (check_checkpoint, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
                                  load_optimizer_state_by_name, load_sharded_checkpoint,
                                  optimizer_state_by_name, save_checkpoint, save_sharded_checkpoint)
 from fastflow.config import ConfigError, parse_cli, to_toml, validate
@@ -53,7 +53,10 @@ from fastflow.models import build_policy
 from fastflow.prompt_sampler import PromptSampler
 from fastflow.rewards import WeightedReward
 from fastflow.rewards.async_pool import AsyncReward
+from fastflow.rewards.remote import check_served_rewards
+from fastflow.models.prompt_cache import default_cache_dir
 from fastflow.rollout import Trajectory, recompute_step, sample, sde_window
+from fastflow.runtime import forward_context
 
 log = logging.getLogger("fastflow.train")
 
@@ -92,36 +95,41 @@ class Trainer:
     def __init__(self, cfg, derived, info: DistInfo, resume: str | None = None):
         self.cfg, self.derived, self.info = cfg, derived, info
         self.device = info.device
+        resumed_dir, self._resume_from = resolve_resume(resume, cfg)  # one line, before anything loads
         # rank 0 picks the directory (it may be a fresh "-N" name) and tells the others
-        self.run_dir = Path(broadcast_str(str(self._run_dir(resume)) if info.is_main else "", info))
+        self.run_dir = Path(broadcast_str(str(resumed_dir or self._fresh_run_dir()) if info.is_main else "", info))
         self.stop_requested = False
         self.budget_spent = False  # run.max_minutes reached (the run ends with its final evaluation)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+            write_config(self.run_dir, cfg, self._resume_from)
         self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard)
 
         torch.manual_seed(derive_seed(cfg.run.seed, _GLOBAL))
         self.policy = build_policy(cfg, self.device)
+        self.train_prompts = load_prompt_split(cfg, self.policy, "train")
+        self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
+        if cfg.eval.max_prompts:
+            self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
+        self._cache_prompts()  # before sharding: the encoders may leave the device first
         self.strategy, self._sharded_roots = self._parallelize()
         self.params = self.policy.named_trainable_parameters()  # after sharding: the DTensor params
         if not self.params:
             raise ValueError("the policy has no trainable parameters")
         self.optimizer = build_optimizer(cfg, list(self.params.values()))
         self.ema = EMA(self.params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema else None
-        self.reward = WeightedReward(cfg.reward.weights, "cpu", cfg.reward.options)
+        self.reward = WeightedReward(cfg.reward.weights, cfg.reward.device or str(self.device), cfg.reward.options)
         self.reward_pool = AsyncReward(self.reward)  # scores batch k while batch k+1 samples
-        self.train_prompts = load_prompt_split(cfg, self.policy, "train")
         self.prompt_sampler = PromptSampler(
             len(self.train_prompts), cfg.sample.prompt_sampling, cfg.sample.prompt_floor,
             categories=([prompt_category(self.policy, p) for p in self.train_prompts]
                         if cfg.sample.prompt_sampling == "category" else None))  # only category mode reads them
-        self.eval_prompts = load_prompt_split(cfg, self.policy, "eval")
-        if cfg.eval.max_prompts:
-            self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
         self.eval_seed_counts = seeds_per_prompt([prompt_category(self.policy, p) for p in self.eval_prompts],
                                                  cfg.eval.seeds, cfg.eval.min_category_images)
-        self.autocast = make_autocast(cfg.model.dtype, self.device)
+        # One forward context (autocast dtype + attention kernels) for the rollout, the training
+        # recompute and the KL reference: the recorded log-probs are then reproduced bit for bit
+        # on the first, on-policy pass (logged as onpolicy/*).
+        self.forward = forward_context(cfg, self.device)
         # CUDA: the rollout is captured once per shape and replayed; elsewhere (or when capture
         # fails) GraphedSampler runs the eager sampler and logs why, once.
         self._sample = (GraphedSampler(self.policy, mode=cfg.sample.cuda_graph_mode)
@@ -129,15 +137,15 @@ class Trainer:
         self.iteration = 0
         self.optimizer_steps = 0
         self.grids: dict[str, dict] = {}  # per-category eval images of the tagged evals
-        if resume is not None:
-            self._resume(resume)
+        if self._resume_from is not None:
+            self._resume(self._resume_from)
+        elif resume == "auto" and info.is_main:
+            print(f"fastflow: no checkpoint in {self.run_dir}; starting fresh", file=sys.stderr)
 
     # ------------------------------------------------------------------ set-up helpers
-    def _run_dir(self, resume: str | None) -> Path:
+    def _fresh_run_dir(self) -> Path:
         base = Path(self.cfg.run.output_dir) / self.cfg.run.name
-        if resume is not None and resume != "auto":
-            return Path(resume).resolve().parent.parent  # <run>/checkpoints/iter-N
-        if resume == "auto" or not base.exists() or not any(base.iterdir()):
+        if not base.exists() or not any(base.iterdir()):
             return base
         # Never write a fresh run over an old one: pick the next free name.
         n = 1
@@ -148,6 +156,18 @@ class Trainer:
             print(f"fastflow: {base} holds an earlier run; writing this one to {new} "
                   f"(use --resume to continue the earlier one)", file=sys.stderr)
         return new
+
+    def _cache_prompts(self) -> None:
+        """Encode the fixed prompt lists once, over the ranks (policies with ``cache_prompts``:
+        sd3, flux), then let the text encoders leave the device (model.offload_text_encoders)."""
+        if not hasattr(self.policy, "cache_prompts"):
+            return
+        texts = [p.text for p in self.train_prompts] + [p.text for p in self.eval_prompts]
+        where = self.cfg.data.prompt_cache
+        cache_dir = None if where == "off" else (Path(where).expanduser() if where else default_cache_dir()) / "prompts"
+        self.policy.cache_prompts(texts, cache_dir=cache_dir, info=self.info,
+                                  offload=self.cfg.model.offload_text_encoders,
+                                  progress=self.info.is_main and self.cfg.log.progress)
 
     def _parallelize(self) -> tuple[str, list[torch.nn.Module]]:
         """Apply distributed.strategy to the policy's networks; returns (strategy, FSDP roots)."""
@@ -160,12 +180,24 @@ class Trainer:
         if strategy == "fsdp":
             dtype = getattr(torch, self.cfg.model.dtype)
             ref = getattr(self.policy, "reference_modules", lambda: None)()  # None: no frozen copy
-            nets = [mods] + ([ref] if ref is not None else [])
-            for root, blocks in nets:  # the frozen reference too: no second full copy per rank
+            # The trained network keeps float32 master shards (bf16 gathers for compute, fp32
+            # gradient reduction); the frozen reference is sharded as it is (the compute dtype).
+            nets = [(mods, torch.float32)] + ([(ref, None)] if ref is not None else [])
+            for (root, blocks), master in nets:  # the reference too: no second full copy per rank
                 parallel.apply_fsdp(root, list(blocks), param_dtype=dtype, cpu_offload=dc.cpu_offload,
-                                    reshard_after_forward=dc.reshard_after_forward)
+                                    reshard_after_forward=dc.reshard_after_forward, master_dtype=master)
                 roots.append(root)
-        elif strategy == "ddp":  # replicas must start equal (e.g. a randomly initialised LoRA)
+        elif mods is not None:  # a policy that left its network on the host for FSDP
+            # (parallel.will_shard) is placed here; trained weights are float32 master weights
+            for p in mods[0].parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+            mods[0].to(self.device)
+        # The full fine-tuning reference: filled now (its shards only, under FSDP), from the base
+        # weights, before a resumed checkpoint or an optimizer step can change them.
+        if hasattr(self.policy, "materialize_reference"):
+            self.policy.materialize_reference()
+        if strategy == "ddp":  # replicas must start equal (e.g. a randomly initialised LoRA)
             parallel.broadcast_params_(self.policy.named_trainable_parameters().values(), self.info)
         if self.info.is_main and self.info.enabled:
             print(f"fastflow: {self.info.world_size} ranks, distributed.strategy {strategy}", file=sys.stderr)
@@ -183,12 +215,7 @@ class Trainer:
             stack.enter_context(self.policy.sampling())
         return stack
 
-    def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            if self.info.is_main:
-                print(f"fastflow: no checkpoint in {self.run_dir}; starting fresh", file=sys.stderr)
-            return
+    def _resume(self, path: Path) -> None:
         if is_sharded_checkpoint(path):  # written by several ranks; read at any world size
             opt_state = optimizer_state_by_name(self.optimizer, self.params)
             ema = self.ema.state_dict() if self.ema is not None else None
@@ -271,7 +298,7 @@ class Trainer:
                         for i in batch]).to(self.device)
                 traj = self._sample(cond, num_steps=s.train_steps, guidance_scale=s.guidance_scale,
                               noise_level=s.noise_level, kind=s.kind, seeds=seeds, window=window,
-                              prompt_ids=group_of[batch], latents=latents, autocast=self.autocast,
+                              prompt_ids=group_of[batch], latents=latents, autocast=self.forward,
                               device=self.device)
                 images = self.policy.decode(traj.final).float().cpu()
                 # score this batch while the next one samples
@@ -302,63 +329,64 @@ class Trainer:
         s, t = cfg.sample, cfg.train
         traj = rb.traj
         k_train = d.trained_timesteps
-        tb = d.train_batch_size
-        sums: dict[str, float] = {}
-        counts = 0
-        skipped = 0
+        stats = StepStats(self.device)  # device-side sums: one host transfer per iteration
         params = list(self.params.values())
-        grad_norms = []
+        steps_before = self.optimizer_steps
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(traj.batch_size, generator=generator(cfg.run.seed, it, _SHUFFLE, self.info.rank, epoch))
-            batches = list(perm.split(tb))
+            batches = list(perm.split(d.train_batch_size))
             for b_i, idx in enumerate(batches):
                 sub = traj.select(idx.to(traj.latents.device))
                 a = adv[idx].to(self.device)
+                on_policy = self.optimizer_steps == steps_before  # no update yet: ratio must be 1
                 for j in range(k_train):
-                    v = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale, autocast=self.autocast)
+                    v = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale, autocast=self.forward)
                     v_ref = None
                     if t.beta > 0:
                         with torch.no_grad():
                             v_ref = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale,
-                                                   autocast=self.autocast, reference=True)
-                    loss, stats = ops.grpo_step_loss(
+                                                   autocast=self.forward, reference=True)
+                    loss, step_stats = ops.grpo_step_loss(
                         sub.latents[:, j], sub.next_latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
                         sub.log_probs[:, j], a, noise_level=s.noise_level, clip_range=t.clip_range,
                         beta=t.beta, velocity_ref=v_ref, kind=s.kind, sigma_guard=sub.sigma_guard)
-                    if not torch.isfinite(loss):
-                        skipped += 1
-                        log.warning("iteration %d: non-finite loss at step %d; skipped", it, j)
-                        continue
+                    # Always backward, whatever the loss: every rank must run the same collectives
+                    # (FSDP reduce-scatters in backward). A non-finite loss poisons this optimizer
+                    # step's gradients; optimizer_step then skips the step on every rank together.
                     (loss / (d.grad_accum * k_train)).backward()
-                    counts += 1
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-                    for k, v_ in stats.items():
-                        if k in ("ratio_min", "ratio_max"):
-                            prev = sums.get(k)
-                            val = float(v_)
-                            sums[k] = val if prev is None else (min(prev, val) if k == "ratio_min" else max(prev, val))
-                        else:
-                            sums[k] = sums.get(k, 0.0) + float(v_)
+                    stats.add(loss, step_stats, on_policy=on_policy)
                 if (b_i + 1) % d.grad_accum == 0:
-                    gn = self.optimizer_step(params, it)
-                    if gn is not None:
-                        grad_norms.append(gn)
-        out = {k: (v if k in ("ratio_min", "ratio_max") else v / max(counts, 1)) for k, v in sums.items()}
-        out.update(skipped_steps=skipped, optimizer_steps=self.optimizer_steps,
-                   lr=float(self.optimizer.param_groups[0]["lr"]),  # the last step's
-                   grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"))
+                    self.optimizer_step(params, it, stats)
+        out = stats.summary()
+        out.update(optimizer_steps=self.optimizer_steps,
+                   lr=float(self.optimizer.param_groups[0]["lr"]))  # the last step's
+        if out["skipped_steps"] and self.info.is_main:
+            log.warning("iteration %d: %d non-finite loss(es); the optimizer steps they fell in were "
+                        "skipped on every rank", it, int(out["skipped_steps"]))
         return out
 
-    def optimizer_step(self, params: list[torch.nn.Parameter], it: int) -> float | None:
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return None
+    def optimizer_step(self, params: list[torch.nn.Parameter], it: int, stats: "StepStats | None" = None) -> bool:
+        """Clip, check and apply the accumulated gradients; returns whether the step was taken.
+
+        Every rank takes the same decision: the gradients are already averaged over the ranks
+        (DDP all-reduce / FSDP reduce-scatter) when their norm is computed, and each rank's count
+        of non-finite losses since the last step is summed over the ranks with it. A step with a
+        non-finite loss or gradient norm anywhere is skipped everywhere (gradients dropped)."""
         parallel.sync_gradients_(params, self.info)  # FSDP grads were reduce-scattered in backward
+        if not any(p.grad is not None for p in params):
+            # no gradient on any rank (sync_gradients_ fills in zeros for a gradient any rank
+            # has; a sharded parameter's gradient exists on every rank or on none)
+            return False
         gn = parallel.full(torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
-        if not torch.isfinite(gn):
-            log.warning("iteration %d: non-finite gradient norm; optimizer step skipped", it)
+        bad = stats.take_nonfinite() if stats is not None else torch.zeros((), device=gn.device)
+        flags = torch.stack([bad.to(gn.device, torch.float32), (~torch.isfinite(gn)).to(torch.float32)])
+        all_reduce_sum_(flags, self.info)
+        if bool(flags.sum() > 0):  # the one host read per optimizer step
+            log.warning("iteration %d: non-finite loss or gradient norm; optimizer step skipped on every rank", it)
             self.optimizer.zero_grad(set_to_none=True)
-            return None
+            if stats is not None:
+                stats.skipped_optimizer_steps += 1
+            return False
         lr = self.lr_now()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -367,7 +395,9 @@ class Trainer:
         self.optimizer_steps += 1
         if self.ema is not None:
             self.ema.on_optimizer_step()
-        return float(gn)
+        if stats is not None:
+            stats.add_grad_norm(gn)
+        return True
 
     def lr_now(self) -> float:
         """train.lr under train.lr_schedule at the next optimizer step (restored on resume with
@@ -401,7 +431,7 @@ class Trainer:
                 seeds = torch.tensor([derive_seed(cfg.eval.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
                 traj = self._sample(cond, num_steps=cfg.sample.eval_steps,
                               guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
-                              kind="ode", seeds=seeds, autocast=self.autocast, device=self.device)
+                              kind="ode", seeds=seeds, autocast=self.forward, device=self.device)
                 images = self.policy.decode(traj.final).float().cpu()
                 if len(images_keep) < 64:
                     images_keep.append(images[: 64 - len(images_keep)])
@@ -558,6 +588,76 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------ helpers
 
+class StepStats:
+    """The training statistics of one iteration, summed on the device (no host synchronisation
+    per step): the loss and the GRPO step stats (fastflow.grpo.grpo_step_loss) as means over the
+    finite steps, ratio_min / ratio_max as extremes, the non-finite losses counted, and the
+    on-policy steps' (those before the iteration's first optimizer step, where the rollout's
+    log-probs must be reproduced exactly) clip fraction and largest |ratio - 1|."""
+
+    _EXTREMES = ("ratio_min", "ratio_max")
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
+        self.sums: dict[str, Tensor] = {}
+        self.extremes: dict[str, Tensor] = {}
+        self.finite, self.nonfinite, self._pending_bad = z(), z(), z()
+        self.on_clip, self.on_count, self.on_dev = z(), z(), z()
+        self.grad_norm_sum, self.grad_norms = z(), 0
+        self.skipped_optimizer_steps = 0
+
+    def add(self, loss: Tensor, stats: dict[str, Tensor], *, on_policy: bool) -> None:
+        ok = torch.isfinite(loss.detach()).to(self.device)
+        okf = ok.to(torch.float64)
+        self.finite += okf
+        self.nonfinite += 1 - okf
+        self._pending_bad += 1 - okf
+        values = {"loss": loss.detach(), **stats}
+        for k, v in values.items():
+            v = v.detach().to(self.device, torch.float64)
+            if k in self._EXTREMES:
+                fill = torch.tensor(float("inf") if k == "ratio_min" else float("-inf"), dtype=torch.float64,
+                                    device=self.device)
+                v = torch.where(ok, v, fill)
+                prev = self.extremes.get(k)
+                self.extremes[k] = v if prev is None else (torch.minimum(prev, v) if k == "ratio_min"
+                                                           else torch.maximum(prev, v))
+            else:
+                self.sums[k] = self.sums.get(k, torch.zeros_like(v)) + torch.where(ok, v, torch.zeros_like(v))
+        if on_policy and "clipfrac" in stats:
+            self.on_clip += torch.where(ok, stats["clipfrac"].detach().to(self.device, torch.float64), 0.0)
+            self.on_count += okf
+            dev = torch.maximum(stats["ratio_max"].detach() - 1, 1 - stats["ratio_min"].detach())
+            self.on_dev = torch.maximum(self.on_dev, torch.where(ok, dev.to(self.device, torch.float64), 0.0))
+
+    def take_nonfinite(self) -> Tensor:
+        """Non-finite losses since the last call (the optimizer step's share)."""
+        bad, self._pending_bad = self._pending_bad, torch.zeros_like(self._pending_bad)
+        return bad
+
+    def add_grad_norm(self, gn: Tensor) -> None:
+        self.grad_norm_sum += gn.detach().to(self.device, torch.float64)
+        self.grad_norms += 1
+
+    def summary(self) -> dict[str, float]:
+        """Every statistic as a float: one device-to-host transfer."""
+        names = list(self.sums) + list(self.extremes)
+        vec = torch.stack([*self.sums.values(), *self.extremes.values(), self.finite, self.nonfinite,
+                           self.on_clip, self.on_count, self.on_dev, self.grad_norm_sum]).tolist()
+        *vals, finite, nonfinite, on_clip, on_count, on_dev, gn_sum = vec
+        out = {}
+        for k, v in zip(names, vals):
+            out[k] = v if k in self._EXTREMES else v / max(finite, 1.0)
+        out["skipped_steps"] = nonfinite
+        out["skipped_optimizer_steps"] = self.skipped_optimizer_steps
+        out["grad_norm"] = gn_sum / self.grad_norms if self.grad_norms else float("nan")
+        if on_count:
+            out["onpolicy/clipfrac"] = on_clip / on_count
+            out["onpolicy/ratio_dev_max"] = on_dev
+        return out
+
+
 def build_optimizer(cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """train.optimizer over ``params`` (plain or FSDP2-sharded), see fastflow.parallel.build_optimizer."""
     t = cfg.train
@@ -574,10 +674,62 @@ def _placed_like(p: Tensor, value: Tensor) -> Tensor:
     return value
 
 
-def make_autocast(dtype: str, device: torch.device):
-    if dtype == "float32":
-        return None
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+def resolve_resume(resume: str | None, cfg) -> tuple[Path | None, Path | None]:
+    """(run directory, checkpoint) that ``--resume`` names; (None, None) without it.
+
+    ``auto`` (a bare --resume): the config's run directory (output_dir/name) and its latest
+    complete checkpoint, or none (the run starts fresh there). A path: a checkpoint folder
+    (``<run>/checkpoints/iter-N``, holding state.json) or a run directory (its latest complete
+    checkpoint). Anything else raises ConfigError in one line: checked before anything loads.
+    """
+    if resume is None:
+        return None, None
+    if resume == "auto":
+        base = Path(cfg.run.output_dir) / cfg.run.name
+        latest = latest_checkpoint(base)
+        if latest is not None:
+            _check(latest, f"(bare: {base})")
+        return base, latest
+    p = Path(resume).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
+    if (p / "state.json").is_file():
+        if p.parent.name != "checkpoints":
+            raise ConfigError(f"--resume {resume}: a checkpoint must sit in its run's checkpoints/ folder")
+        _check(p, resume)
+        return p.parent.parent.resolve(), p.resolve()
+    if p.name.startswith("iter-") and p.parent.name == "checkpoints":
+        raise ConfigError(f"--resume {resume}: an incomplete checkpoint (no state.json; a run killed "
+                          f"while writing it): give the run directory to take its latest complete one")
+    if (p / "checkpoints").is_dir() or (p / "config.toml").is_file() or (p / "metrics.jsonl").is_file():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise ConfigError(f"--resume {resume}: the run directory holds no complete checkpoint "
+                              f"(checkpoints/iter-*/state.json)")
+        _check(latest, resume)
+        return p.resolve(), latest.resolve()
+    raise ConfigError(f"--resume {resume}: neither a run directory (with checkpoints/) nor a checkpoint "
+                      f"folder (with state.json)")
+
+
+def _check(checkpoint: Path, resume: str) -> None:
+    try:
+        check_checkpoint(checkpoint)
+    except ValueError as e:
+        raise ConfigError(f"--resume {resume}: {e}") from None
+
+
+def write_config(run_dir: Path, cfg, resumed_from: Path | None) -> None:
+    """``run_dir/config.toml``: the resolved config of this run. A resumed run whose config differs
+    keeps the earlier file as ``config.<checkpoint>.toml`` (nothing the user had is lost)."""
+    path, text = run_dir / "config.toml", to_toml(cfg)
+    if resumed_from is not None and path.is_file() and path.read_text() != text:
+        keep = run_dir / f"config.before-{resumed_from.name}.toml"
+        n = 1
+        while keep.exists():
+            keep, n = run_dir / f"config.before-{resumed_from.name}-{n}.toml", n + 1
+        path.rename(keep)
+    path.write_text(text)
 
 
 def load_prompt_split(cfg, policy, split: str) -> list[Prompt]:
@@ -734,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(args.config), end="")
             return 0
         derived = validate(args.config, world_size_from_env())  # before anything heavy loads
+        resolve_resume(args.resume, args.config)  # a --resume that names nothing: one line, now
+        check_served_rewards(args.config.reward.weights, args.config.reward.options)  # servers up?
         ranks = local_cpu_ranks(args.config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastflow: {e}", file=sys.stderr)

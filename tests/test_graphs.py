@@ -29,6 +29,7 @@ if HAVE_TRITON:
     kernels = importlib.import_module("fastflow.kernels")
 
 from fastflow import ops, sde  # noqa: E402
+from fastflow.runtime import ForwardContext  # noqa: E402
 from fastflow.graphs import GraphedSampler, graphed_sample, sampler_for  # noqa: E402
 from fastflow.models.toy import ToyPolicy  # noqa: E402
 from fastflow.rollout import sample, sde_window  # noqa: E402
@@ -151,7 +152,7 @@ def test_bad_options_and_philox_without_kernels(monkeypatch):
     with pytest.raises(ValueError, match="noise must be one of"):
         GraphedSampler(policy, noise="gauss")
     with pytest.raises(ValueError, match="attention must be one of"):
-        GraphedSampler(policy, attention="xformers")
+        ForwardContext("cpu", attention="xformers")  # the attention kernels are the forward context's
     monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
     with pytest.raises(RuntimeError, match="philox.*needs the fused kernels"):
         GraphedSampler(policy, mode="static", noise="philox")(_cond(policy, 2), **KW)

@@ -271,14 +271,38 @@ def test_cli_launches_local_ranks_and_reports_a_failed_rank(tmp_path):
     assert "fastflow: 2 ranks" in r.stderr
     assert "category" in r.stdout and (tmp_path / "two" / "metrics.jsonl").is_file()
     assert "view tensor" not in r.stderr  # the toy net returns no view (FSDP2 warns about those)
-    # a rank that fails on bad input found while loading (a checkpoint that is not one) -> its one
-    # line, then the launcher's one line naming it, exit != 0
+    # a --resume that names no checkpoint is refused in one line before any rank starts
     (tmp_path / "junk").mkdir()
     r = subprocess.run(base + ["--run.name", "bad", "--resume", str(tmp_path / "junk")], cwd=root,
                        capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "of 2 failed" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().count("\n") == 0 and "neither a run directory" in r.stderr, r.stderr[-3000:]
+    # a rank that fails on bad input found while loading (a checkpoint of another model: here
+    # one parameter missing) -> its one line, then the launcher's one line naming it, exit != 0
+    from safetensors.torch import load_file, save_file
+
+    ck = sorted((tmp_path / "two" / "checkpoints").glob("iter-*"))[-1]
+    if (ck / "sharded").is_dir():  # a 2-rank run writes the sharded format: load it whole
+        from fastflow.checkpoint import load_sharded_weights
+        from fastflow.models.toy import ToyPolicy
+
+        params = {f"net.{n}": p for n, p in ToyPolicy().net.named_parameters()}
+        state, _ = load_sharded_weights(ck, params)
+        other = tmp_path / "other" / "checkpoints" / ck.name
+        other.mkdir(parents=True)
+        (other / "state.json").write_text((ck / "state.json").read_text())
+        save_file({k: v.contiguous() for k, v in list(state.items())[1:]}, str(other / "trainable.safetensors"))
+        import torch as _torch
+        _torch.save({}, other / "optimizer.pt")
+    else:
+        other = ck
+        state = load_file(str(ck / "trainable.safetensors"))
+        save_file(dict(list(state.items())[1:]), str(ck / "trainable.safetensors"))
+    r = subprocess.run(base + ["--run.name", "bad", "--resume", str(other)], cwd=root,
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     assert "fastflow: rank 0 of 2 failed (exit code 2)" in r.stderr or "fastflow: rank 1 of 2 failed (exit code 2)" in r.stderr, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "lacks parameter" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("shared", [True, False])

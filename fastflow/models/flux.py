@@ -15,6 +15,8 @@ Conventions (diffusers' FluxPipeline and the authors' public code):
   ``mu = calculate_shift(seq, ...)`` from the scheduler config, final 0 appended: bit-for-bit the
   pipeline's sigmas. model.shift > 0 replaces dynamic shifting by that static shift;
 - the transformer gets ``timestep = (sigma * 1000) / 1000`` (the pipeline's round trip);
+- weights and prompts as for SD3 (fastflow.models.sd3): fp32 master weights for full fine-tuning,
+  prompt lists encoded once, text encoders offloaded after;
 - LoRA targets (public code, r 64): the double blocks' joint-attention projections and both MLPs,
   the single blocks' q/k/v.
 """
@@ -27,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastflow.models.lora import TunedTransformerPolicy, Tuning
-from fastflow.models.sd3 import (MAX_SEQUENCE_LENGTH, PromptCache, _model_cfg, load_pipeline,
-                                 parse_dtype, place)
+from fastflow import runtime
+from fastflow.models.lora import TunedTransformerPolicy
+from fastflow.models.sd3 import MAX_SEQUENCE_LENGTH, _model_cfg, load_pipeline, parse_dtype, place
 
 DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
 PAPER_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
@@ -50,7 +52,7 @@ class FluxPolicy(TunedTransformerPolicy):
     def __init__(self, pipe, *, device, dtype: torch.dtype = torch.float32, finetune: str = "lora",
                  lora_rank: int = 64, lora_alpha: float = 128.0, lora_targets: Sequence[str] = (),
                  resolution: int = 512, shift: float = 0.0, compile: bool = False,
-                 max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+                 max_sequence_length: int = MAX_SEQUENCE_LENGTH, shard_later: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         self.pipe = pipe
@@ -58,7 +60,7 @@ class FluxPolicy(TunedTransformerPolicy):
         if resolution <= 0 or resolution % factor:
             raise ValueError(f"model.resolution must be a positive multiple of {factor}, got {resolution}")
         if shift < 0:
-            raise ValueError(f"model.shift must be >= 0, got {shift}")
+            raise ValueError(f"model.shift must be >= 0 (0 = FLUX's dynamic shift), got {shift}")
         self.resolution = resolution
         self.shift = float(shift)
         self.max_sequence_length = max_sequence_length
@@ -67,21 +69,18 @@ class FluxPolicy(TunedTransformerPolicy):
         self._grid = (side // 2, side // 2)
         self.latent_shape = (self._grid[0] * self._grid[1], pipe.transformer.config.in_channels)
 
-        for enc in (pipe.text_encoder, pipe.text_encoder_2):
-            place(enc, self.device, dtype).requires_grad_(False).eval()
+        self._place_text_encoders()
         place(pipe.vae, self.device, torch.float32).requires_grad_(False).eval()
-        self.transformer = place(pipe.transformer, self.device, dtype)
-        self.tuning = Tuning(self.transformer, finetune=finetune, rank=lora_rank, alpha=lora_alpha,
-                             targets=list(lora_targets) or PAPER_TARGETS)
-        if compile:
-            self.transformer.compile()
-            if self.tuning.ref_transformer is not None:
-                self.tuning.ref_transformer.compile()
+        self._setup_transformer(pipe.transformer, finetune=finetune, lora_rank=lora_rank,
+                                lora_alpha=lora_alpha, targets=list(lora_targets) or PAPER_TARGETS,
+                                compile=compile, shard_later=shard_later)
         self._img_ids = pipe._prepare_latent_image_ids(1, *self._grid, self.device, dtype)
         self._sigmas: dict[int, Tensor] = {}
-        self._cache = PromptCache(self._encode)
 
     # -- prompts ---------------------------------------------------------------------------
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.pipe.text_encoder, self.pipe.text_encoder_2) if e is not None]
+
     def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """``{"prompt_embeds": [B, 128, D_t5], "pooled_prompt_embeds": [B, D_clip]}`` (cached)."""
         return self._cache(prompts)
@@ -89,9 +88,10 @@ class FluxPolicy(TunedTransformerPolicy):
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            prompt=prompts, prompt_2=None, device=self.encoder_device, num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length)
-        return {"prompt_embeds": embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
+        return {"prompt_embeds": embeds.to(self.device, self.dtype),
+                "pooled_prompt_embeds": pooled.to(self.device, self.dtype)}
 
     # -- the flow --------------------------------------------------------------------------
     def sigmas(self, num_steps: int) -> Tensor:
@@ -130,10 +130,11 @@ class FluxPolicy(TunedTransformerPolicy):
             guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=x.device)
         embeds = cond["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 3, dtype=self.dtype, device=x.device)
-        return self.tuning.active(hidden_states=x, timestep=t, guidance=guidance,
-                                  pooled_projections=cond["pooled_prompt_embeds"],
-                                  encoder_hidden_states=embeds, txt_ids=txt_ids,
-                                  img_ids=self._img_ids, return_dict=False)[0]
+        with runtime.compute_autocast(self.device, self.dtype):  # fp32 master weights compute in dtype
+            return self.tuning.active(hidden_states=x, timestep=t, guidance=guidance,
+                                      pooled_projections=cond["pooled_prompt_embeds"],
+                                      encoder_hidden_states=embeds, txt_ids=txt_ids,
+                                      img_ids=self._img_ids, return_dict=False)[0]
 
     def unpack(self, latents: Tensor) -> Tensor:
         """Packed ``[B, seq, C * 4]`` -> VAE latents ``[B, C, H / 8, W / 8]``."""
@@ -160,9 +161,13 @@ def build_policy(cfg, device) -> FluxPolicy:
     """The registry factory: load ``cfg.model.path`` (default FLUX.1-dev) and wrap it."""
     from diffusers import FluxPipeline
 
+    from fastflow.distributed import world_size_from_env
+    from fastflow.parallel import will_shard
+
     m, targets = _model_cfg(cfg)
     dtype = parse_dtype(m.dtype)
     pipe = load_pipeline(FluxPipeline, m.path or DEFAULT_PATH, dtype)
     return FluxPolicy(pipe, device=device, dtype=dtype, finetune=m.finetune, lora_rank=m.lora_rank,
                       lora_alpha=m.lora_alpha, lora_targets=targets, resolution=m.resolution,
-                      shift=m.shift, compile=getattr(m, "compile", False))
+                      shift=m.shift, compile=getattr(m, "compile", False),
+                      shard_later=will_shard(cfg, world_size_from_env()))

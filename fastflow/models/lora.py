@@ -11,7 +11,6 @@ renaming beyond peft's ``get_peft_model_state_dict``.
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -73,11 +72,20 @@ class Tuning:
 
     finetune "lora": ``active`` is the LoRA-adapted transformer; the reference is the same module
     with the adapter disabled (no extra memory). finetune "full": every transformer weight trains
-    and the reference is a frozen deep copy taken before training.
+    (float32 master weights: the caller keeps the transformer in float32, or lets FSDP2 cast it
+    block by block while sharding) and the reference is a frozen copy of the weights as they were
+    before training, stored in ``reference_dtype`` (the compute dtype: it never trains).
+
+    The full fine-tuning reference is first built on the meta device (structure only, no memory)
+    and filled by :meth:`materialize_reference`: at once unless ``defer_reference``, else after
+    the caller has sharded both copies (FSDP2), so each rank copies only its own shards and no rank
+    ever holds a second full copy of the network. Materialize before any weight changes (a resumed
+    checkpoint, an optimizer step): it copies the current weights.
     """
 
     def __init__(self, transformer: nn.Module, *, finetune: str, rank: int, alpha: float,
-                 targets: Sequence[str]):
+                 targets: Sequence[str], reference_dtype: torch.dtype | None = None,
+                 defer_reference: bool = False):
         if finetune not in FINETUNE_MODES:
             raise ValueError(f"model.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
         self.finetune = finetune
@@ -86,10 +94,32 @@ class Tuning:
         if finetune == "lora":
             apply_lora(transformer, rank=rank, alpha=alpha, targets=targets)
         else:
+            from fastflow.parallel import meta_copy
+
             transformer.requires_grad_(True)
-            self.ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
+            self.ref_transformer = meta_copy(transformer, reference_dtype).requires_grad_(False).eval()
+            if not defer_reference:
+                self.materialize_reference()
         self.active = transformer
         self._in_reference = False
+
+    @property
+    def reference_pending(self) -> bool:
+        """True while the full fine-tuning reference is still an empty (meta) structure."""
+        t = self.ref_transformer
+        return t is not None and any(p.is_meta for p in t.parameters())
+
+    def materialize_reference(self) -> None:
+        """Fill the frozen reference with the transformer's current weights (local shards when
+        both are FSDP2-sharded), on the device the transformer's weights live on. No-op for LoRA
+        and once done."""
+        if not self.reference_pending:
+            return
+        from fastflow.parallel import copy_weights_, local
+
+        first = next(self.transformer.parameters())
+        self.ref_transformer.to_empty(device=local(first).device)
+        copy_weights_(self.ref_transformer, self.transformer)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -97,6 +127,9 @@ class Tuning:
         if self._in_reference:  # nested: already the reference
             yield
             return
+        if self.reference_pending:
+            raise RuntimeError("the full fine-tuning reference was never materialized "
+                               "(Tuning.materialize_reference after sharding)")
         self._in_reference = True
         try:
             if self.ref_transformer is not None:
@@ -156,9 +189,100 @@ class TunedTransformerPolicy:
     ``self.transformer``, and names its pipeline class and its transformer blocks."""
 
     pipeline_class_name: str = ""  # e.g. "StableDiffusion3Pipeline": what loads the exported LoRA
+    device: torch.device
+    dtype: torch.dtype
+    pipe: object
 
     def _blocks(self, transformer: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
+
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoders (the subclass lists them)."""
+        raise NotImplementedError
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _place_text_encoders(self) -> None:
+        """Text encoders frozen, in the compute dtype, on the device; the prompt cache over them."""
+        from fastflow.models.prompt_cache import PromptCache
+        from fastflow.models.sd3 import place
+
+        for enc in self.text_encoders():
+            place(enc, self.device, self.dtype).requires_grad_(False).eval()
+        self._cache = PromptCache(self._encode, self.device)
+
+    def _setup_transformer(self, transformer: nn.Module, *, finetune: str, lora_rank: int,
+                           lora_alpha: float, targets: Sequence[str], compile: bool,
+                           shard_later: bool) -> None:
+        """Weights and placement of the trained transformer.
+
+        LoRA: the frozen base in the compute dtype, the adapter in float32. Full fine-tuning:
+        float32 master weights (AdamW updates of lr x 1e-2 relative size vanish in bf16) and a
+        frozen reference copy in the compute dtype. ``shard_later`` (an FSDP2 run): the network
+        stays in host memory as loaded; FSDP2 casts the trained weights to float32 and moves them
+        to the device block by block while sharding, and the reference is filled shard by shard
+        afterwards (``materialize_reference``), so no rank holds a full copy on its device first.
+        """
+        from fastflow.models.sd3 import place
+
+        full = finetune == "full"
+        if not shard_later:
+            place(transformer, self.device, torch.float32 if full else self.dtype)
+        elif not full and any(p.dtype != self.dtype for p in transformer.parameters()):
+            transformer.to(dtype=self.dtype)
+        self.transformer = transformer
+        self.tuning = Tuning(transformer, finetune=finetune, rank=lora_rank, alpha=lora_alpha,
+                             targets=targets, reference_dtype=self.dtype, defer_reference=shard_later)
+        if compile:
+            self.transformer.compile()
+            if self.tuning.ref_transformer is not None:
+                self.tuning.ref_transformer.compile()
+
+    def materialize_reference(self) -> None:
+        """Fill the full fine-tuning reference from the current (base) weights, after sharding;
+        the trainer calls it before anything can change the weights. No-op for LoRA."""
+        self.tuning.materialize_reference()
+
+    # -- prompts -----------------------------------------------------------------------------
+    @property
+    def encoder_device(self) -> torch.device:
+        """Where the text encoders are now (the device, or the host once offloaded)."""
+        for enc in self.text_encoders():
+            for p in enc.parameters():
+                return p.device
+        return self.device
+
+    def cache_prompts(self, texts, *, cache_dir=None, info=None, offload: bool = False,
+                      progress: bool = False) -> None:
+        """Encode ``texts`` (a run's fixed prompt lists) once into an on-disk EmbeddingStore under
+        ``cache_dir`` (None: in memory only, on this rank), each rank a slice, keyed by the
+        pipeline, the text encoders' weights and the encoding settings; later encode_prompts calls
+        read them from there. ``offload``: then move the text encoders to host memory (prompts not
+        in the lists are still encoded, on the CPU). Collective when ``info`` spans ranks."""
+        from fastflow.models.prompt_cache import EmbeddingStore, module_fingerprint, store_key
+
+        texts = list(dict.fromkeys(texts))
+        if cache_dir is None:
+            self._cache(texts)  # kept in the in-memory rows
+        else:
+            key = store_key(texts, pipeline=type(self.pipe).__name__,
+                            path=str(getattr(getattr(self.pipe, "config", None), "_name_or_path", "")),
+                            encoders=[module_fingerprint(e) for e in self.text_encoders()],
+                            max_sequence_length=getattr(self, "max_sequence_length", None),
+                            dtype=str(self.dtype))
+            self._cache.store = EmbeddingStore.build(cache_dir, key, texts, self._encode, info,
+                                                     progress=progress)
+        if offload:
+            self.offload_text_encoders()
+
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to host memory and release their device memory."""
+        for enc in self.text_encoders():
+            enc.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
         """LoRA weights (or every transformer weight for full fine-tuning) by stable name."""

@@ -46,14 +46,20 @@ def build_reward(name: str, device="cpu", **options) -> Reward:
 
 
 class WeightedReward:
-    """The weighted sum of named rewards; returns the total and each component."""
+    """The weighted sum of named rewards; returns the total and each component.
+
+    device: where the rewards run (reward.device; the trainer passes the rank's device); one
+    reward's ``device`` option (``reward.options.NAME.device``) overrides it for that reward.
+    """
 
     def __init__(self, weights: dict[str, float], device="cpu", options: dict[str, dict] | None = None):
         if not weights:
             raise ValueError("reward.weights: at least one reward is needed")
         options = options or {}
         self.weights = dict(weights)
-        self.rewards = {n: build_reward(n, device, **options.get(n, {})) for n in weights}
+        self.devices = {n: str(options.get(n, {}).get("device") or device) for n in weights}
+        self.rewards = {n: build_reward(n, **{**options.get(n, {}), "device": self.devices[n]})
+                        for n in weights}
 
     def __call__(self, images: Tensor, prompts: Sequence[str],
                  metadata: Sequence[dict] | None = None) -> tuple[Tensor, dict[str, Tensor]]:

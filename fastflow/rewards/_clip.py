@@ -14,12 +14,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def resolve_dtype(dtype) -> torch.dtype:
-    """Accept a torch dtype or one of the names in DTYPES."""
+def resolve_dtype(dtype, device="cpu") -> torch.dtype:
+    """Accept a torch dtype, one of the names in DTYPES, or "auto": bfloat16 on a CUDA device (the
+    scorers' weights and activations halve, their scores move by bf16 rounding only), float32
+    elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"reward option dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        raise ValueError(f"reward option dtype: unknown dtype {dtype!r}; known: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -43,7 +47,7 @@ def load_clip(model_id: str, processor_id: str | None, device, dtype):
     from transformers import CLIPModel, CLIPProcessor
 
     processor = CLIPProcessor.from_pretrained(processor_id or model_id)
-    model = CLIPModel.from_pretrained(model_id).eval().to(device=device, dtype=resolve_dtype(dtype))
+    model = CLIPModel.from_pretrained(model_id).eval().to(device=device, dtype=resolve_dtype(dtype, device))
     model.requires_grad_(False)
     return model, processor
 

@@ -60,7 +60,7 @@ class Aesthetic:
     """Aesthetic reward. Options: weights (required path), clip (id or path), processor, dtype, batch_size."""
 
     def __init__(self, device="cpu", weights: str | None = None, clip: str = CLIP_ID,
-                 processor: str | None = None, dtype="float32", batch_size: int = 32):
+                 processor: str | None = None, dtype="auto", batch_size: int = 32):
         if not weights:
             raise ValueError("aesthetic reward: option 'weights' (path to the LAION aesthetic MLP "
                              "head, e.g. sac+logos+ava1-l14-linearMSE.pth) is required")

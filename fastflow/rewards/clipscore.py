@@ -21,7 +21,7 @@ class ClipScore:
     """CLIPScore reward. Options: model, processor (defaults to model), dtype, batch_size."""
 
     def __init__(self, device="cpu", model: str = MODEL_ID, processor: str | None = None,
-                 dtype="float32", batch_size: int = 32):
+                 dtype="auto", batch_size: int = 32):
         self.model, self.processor = load_clip(model, processor, device, dtype)
         self.batch_size = int(batch_size)
 

@@ -23,7 +23,7 @@ class PickScore:
     """PickScore reward. Options: model, processor (hub ids or local paths), dtype, batch_size."""
 
     def __init__(self, device="cpu", model: str = MODEL_ID, processor: str = PROCESSOR_ID,
-                 dtype="float32", batch_size: int = 32):
+                 dtype="auto", batch_size: int = 32):
         self.model, self.processor = load_clip(model, processor, device, dtype)
         self.batch_size = int(batch_size)
 
