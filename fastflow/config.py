@@ -43,12 +43,15 @@ class ConfigError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-def opt(default: Any, help: str, *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None):
+def opt(default: Any, help: str, *, choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+        aliases: dict | None = None):
     """A config field: its default, a one-sentence help text and (optionally) its allowed values.
 
     ``choices`` may be a callable so that registries are read when validating, not at import.
+    ``aliases`` maps values of an earlier spelling of the option to today's (e.g. a boolean that
+    became a choice), so that existing configs keep loading.
     """
-    meta = {"help": help, "choices": choices}
+    meta = {"help": help, "choices": choices, "aliases": aliases or {}}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -146,9 +149,12 @@ class SampleConfig:
                               "this many steps is SDE and trained, the others are ODE.")
     window_start: int = opt(0, "First step of the window, in [0, train_steps - window_size]; -1 = random "
                                 "per iteration.")
-    cuda_graph: bool = opt(True, "On CUDA, capture the rollout once per shape in a CUDA graph and replay it "
-                                 "(fastflow.graphs); elsewhere, or when capture fails, the eager sampler "
-                                 "runs and the reason is logged once.")
+    cuda_graph: str = opt("auto", "CUDA-graph rollouts (fastflow.graphs: captured once per shape, one graph "
+                                  "per step and step kind, so any SDE window replays them): auto = capture "
+                                  "when possible, else the eager sampler runs and the reason is logged once "
+                                  "(off CUDA, under FSDP2 sharding, a failed capture); required = stop with "
+                                  "the reason instead; off = always eager. true / false mean auto / off.",
+                          choices=("auto", "required", "off"), aliases={True: "auto", False: "off"})
     cuda_graph_mode: str = opt("graph", "graph (explicit torch.cuda.CUDAGraph) or compile "
                                         "(torch.compile mode reduce-overhead).", choices=("graph", "compile"))
 
@@ -410,6 +416,16 @@ def _show(v: Any, limit: int = 60) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _coerce_field(section: str, key: str, value: Any, tp=None) -> Any:
+    """``_coerce`` of one option's value, after mapping its legacy spellings (``aliases``)."""
+    aliases = _fields(section)[key].metadata.get("aliases") or {}
+    if aliases and isinstance(value, str) and value in ("true", "false"):  # --key false on the CLI
+        value = value == "true"
+    if isinstance(value, bool) and value in aliases:  # (True == 1: only booleans are aliased)
+        value = aliases[value]
+    return _coerce(f"{section}.{key}", value, tp if tp is not None else _type_of(section, key))
+
+
 def _coerce(name: str, value: Any, tp) -> Any:
     """Check value against the field type; returns it with ints widened to float where a float is
     wanted. Raises ConfigError naming ``name`` otherwise."""
@@ -557,7 +573,7 @@ def config_from_dict(data: dict) -> Config:
         for key, value in table.items():
             if key not in _fields(section):
                 raise _unknown_key(section, key)
-            setattr(obj, key, _coerce(f"{section}.{key}", value, _type_of(section, key)))
+            setattr(obj, key, _coerce_field(section, key, value))
     return cfg
 
 
@@ -631,7 +647,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
                 continue
             raise ConfigError(f"config: --{name} needs a value")
         if not rest:
-            setattr(obj, key, _coerce(f"{section}.{key}", _override_value(raw, tp), tp))
+            setattr(obj, key, _coerce_field(section, key, _override_value(raw, tp), tp))
             continue
         # One entry inside a table option: descend, creating sub-tables as needed.
         table = copy.deepcopy(getattr(obj, key))
@@ -728,7 +744,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         if not isinstance(obj, SECTIONS[s]):
             raise ConfigError(f"config: [{s}] must be a {SECTIONS[s].__name__}, got {type(obj).__name__}")
         for k, f in _fields(s).items():
-            value = _coerce(f"{s}.{k}", getattr(obj, k), _type_of(s, k))
+            value = _coerce_field(s, k, getattr(obj, k))
+            if _fields(s)[k].metadata.get("aliases"):  # a Config edited in code may hold a legacy
+                setattr(obj, k, value)                  # spelling: store today's
             # inf/nan pass most range checks (nan compares False both ways), so refuse them here.
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config: {s}.{k} must be a finite number, got {_show(value)}")

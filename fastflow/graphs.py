@@ -1,8 +1,9 @@
 """The rollout captured as a CUDA graph: fastflow.rollout.sample() with its Python and launch
 overhead removed.
 
-On CUDA the whole reduced-step rollout (every step's transformer forward with its CFG batch, the
-fused SDE step kernel, the log-prob recording) is captured once per shape and replayed:
+On CUDA the reduced-step rollout (every step's transformer forward with its CFG batch, the fused
+SDE step kernel, the log-prob recording) is captured once per shape, one graph per grid step and
+step kind (SDE or ODE), and replayed step by step:
 
     sampler = GraphedSampler(policy)                       # mode="graph" (default), noise="auto"
     traj = sampler(cond, num_steps=10, guidance_scale=4.5, noise_level=0.7, seeds=seeds,
@@ -10,9 +11,12 @@ fused SDE step kernel, the log-prob recording) is captured once per shape and re
     traj = graphed_sample(policy, cond, ...)               # the same, sample()'s signature
 
 A captured program is keyed by everything that changes the kernels it launches: batch, latent
-shape, step count, guidance scale, noise level, kind, window, noise mode, autocast dtype and the
-conditioning's shapes/dtypes. Inputs are copied into static buffers before each replay and the
-outputs are copied out after it, so a returned Trajectory is never overwritten by a later replay.
+shape, step count, guidance scale, noise level, kind, noise mode, forward context (autocast dtype,
+attention kernels) and the conditioning's shapes/dtypes. The SDE window is not: it picks which of
+a step's two graphs runs, so a random window per iteration (Flow-GRPO-Fast) replays one program
+and captures at most two graphs per step over a whole run. Inputs are copied into static buffers
+before each replay and the outputs are copied out after it, so a returned Trajectory is never
+overwritten by a later replay.
 
 Noise (``noise=``):
 - "host": the initial latents and every step's noise are drawn exactly as sample() draws them
@@ -26,15 +30,17 @@ Noise (``noise=``):
   it depends on the sample's position in the batch.
 - "auto" (default): "host" when per-sample ``seeds`` are given (the trainer's case), else "philox".
 
-Modes (``mode=``): "graph" an explicit torch.cuda.CUDAGraph (default: predictable, one replay per
-rollout); "compile" torch.compile(policy.velocity, mode="reduce-overhead") inside sample()'s loop;
+Modes (``mode=``): "graph" explicit torch.cuda.CUDAGraph per step (default: predictable, one
+replay per step); "compile" torch.compile(policy.velocity, mode="reduce-overhead") inside sample()'s loop;
 "static" runs the captured program's code without capturing it (for debugging and for checking
 the program on a CPU); "eager" plain sample().
 
 Whenever capture is impossible (not CUDA, fused kernels off, a policy that says it cannot be
-captured, an error during capture) the call falls back to fastflow.rollout.sample() and the reason
-is logged once (logger "fastflow.graphs"); ``sampler.last_path`` / ``last_reason`` tell which path
-the last call took.
+captured, a policy sharded with FSDP2 (``sharded=True``: its weights move to new memory every
+rollout), an error during capture) the call falls back to fastflow.rollout.sample() and the
+reason is logged once (logger "fastflow.graphs"); ``sampler.last_path`` / ``last_reason`` tell
+which path the last call took. With ``required=True`` (``sample.cuda_graph = "required"``) it
+raises the reason instead; ``check(device)`` raises it before the first rollout.
 
 Captured weights are read at replay time, so in-place optimizer updates are seen; if a trainable
 parameter is replaced by a new tensor (``p.data = ...``) the programs are captured again.
@@ -93,10 +99,18 @@ def _fresh_autocast(autocast) -> ContextManager:
 
 
 class _Program:
-    """One rollout shape: static buffers and the straight-line code the graph captures."""
+    """One rollout shape: static buffers, and one captured graph per (grid step, step kind).
+
+    Capturing step by step makes the SDE window data, not shape: a step runs either its SDE or
+    its ODE graph, so one program serves every window (Flow-GRPO-Fast's random window included)
+    with at most two graphs per grid step, captured the first time a window needs them.
+    Each graph reads the state from ``self.x``, writes the next state back into it and its
+    recorded transition into per-step buffers; nothing a graph allocates outlives its replay,
+    so the graphs share one memory pool and replay in any order.
+    """
 
     def __init__(self, policy: Policy, *, batch: int, num_steps: int, guidance_scale: float,
-                 noise_level: float, kind: str, window: range, noise: str, cond: Cond, autocast,
+                 noise_level: float, kind: str, noise: str, cond: Cond, autocast,
                  device: torch.device):
         self.policy, self.device = policy, device
         self.batch, self.num_steps, self.kind = batch, num_steps, kind
@@ -105,90 +119,109 @@ class _Program:
         self.sigmas = policy.sigmas(num_steps).to(torch.float32)
         self.sig_dev = self.sigmas.to(device)
         self.guard = float(self.sigmas[1])
-        record = kind != "ode"
-        self.step_kinds = [kind if (record and i in window) else "ode" for i in range(num_steps)]
-        self.recorded = [i for i, k in enumerate(self.step_kinds) if k != "ode"]
         shape = (batch, *policy.latent_shape)
         f32 = dict(dtype=torch.float32, device=device)
-        k = len(self.recorded)
+        records = kind != "ode"
         self.x0 = torch.zeros(shape, **f32)
-        self.noise_buf = torch.zeros((k, *shape), **f32) if noise == "host" else None
+        self.x = torch.zeros(shape, **f32)  # the state every step graph reads and rewrites
+        self.noise_buf = torch.zeros((num_steps, *shape), **f32) if noise == "host" and records else None
         self.seed = torch.zeros(1, dtype=torch.int64, device=device)
         self.offset = torch.zeros(1, dtype=torch.int64, device=device)
         self.cond = {key: (v.detach().clone() if isinstance(v, Tensor) else v) for key, v in cond.items()}
-        self.out_latents = torch.zeros((batch, k, *shape[1:]), **f32)
-        self.out_next = torch.zeros((batch, k, *shape[1:]), **f32)
-        self.out_log_probs = torch.zeros((batch, k), **f32)
-        self.out_final = torch.zeros(shape, **f32)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # per grid step: the transition's input, output and log-prob (SDE steps write them)
+        self.rec_latents = torch.zeros((num_steps, *shape), **f32) if records else None
+        self.rec_next = torch.zeros((num_steps, *shape), **f32) if records else None
+        self.rec_log_probs = torch.zeros((num_steps, batch), **f32) if records else None
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.pool = None
 
-    def load(self, x0: Tensor, cond: Cond, noise_source: _NoiseSource | None, seed: int) -> None:
+    def step_kinds(self, window: range) -> list[str]:
+        record = self.kind != "ode"
+        return [self.kind if (record and i in window) else "ode" for i in range(self.num_steps)]
+
+    def load(self, x0: Tensor, cond: Cond, noise_source: _NoiseSource | None, seed: int,
+             step_kinds: list[str]) -> None:
         """Copy this call's inputs into the static buffers."""
         self.x0.copy_(x0)
+        self.x.copy_(x0)
         for key, v in cond.items():
             if isinstance(v, Tensor):
                 self.cond[key].copy_(v)
         if self.noise_buf is not None:
-            for j in range(self.noise_buf.shape[0]):  # sample()'s draw order: step by step
-                self.noise_buf[j].copy_(noise_source.draw(self.x0.shape))
+            for i, k in enumerate(step_kinds):  # sample()'s draw order: one draw per SDE step
+                if k != "ode":
+                    self.noise_buf[i].copy_(noise_source.draw(self.x0.shape))
         self.seed.fill_(seed)
         self.offset.zero_()
 
-    def body(self) -> None:
-        """The rollout on the static buffers; what the graph captures."""
-        x = self.x0
-        k = 0
-        for i in range(self.num_steps):
-            s = self.sig_dev[i].expand(self.batch)
-            s_next = self.sig_dev[i + 1].expand(self.batch)
-            with _fresh_autocast(self.autocast):
-                v = self.policy.velocity(x, s, self.cond, guidance_scale=self.guidance_scale)
-            step_kind = self.step_kinds[i]
-            common = dict(noise_level=self.noise_level, kind=step_kind, sigma_guard=self.guard,
-                          need_mean=False)
-            if step_kind == "ode":
-                out = ops.sde_step(x, v, s, s_next, **common)
-            elif self.noise == "host":
-                out = ops.sde_step(x, v, s, s_next, noise=self.noise_buf[k], **common)
-            else:
-                out = ops.sde_step_philox(x, v, s, s_next, seed=self.seed, offset=self.offset,
-                                          **common)
-            if step_kind != "ode":
-                self.out_latents[:, k].copy_(x)
-                self.out_next[:, k].copy_(out.prev_sample)
-                self.out_log_probs[:, k].copy_(out.log_prob)
-                k += 1
-            x = out.prev_sample
-        self.out_final.copy_(x)
+    def step(self, i: int, step_kind: str) -> None:
+        """Grid step ``i`` as ``step_kind`` on the static buffers; what one graph captures."""
+        x = self.x
+        s = self.sig_dev[i].expand(self.batch)
+        s_next = self.sig_dev[i + 1].expand(self.batch)
+        with _fresh_autocast(self.autocast):
+            v = self.policy.velocity(x, s, self.cond, guidance_scale=self.guidance_scale)
+        common = dict(noise_level=self.noise_level, kind=step_kind, sigma_guard=self.guard,
+                      need_mean=False)
+        if step_kind == "ode":
+            out = ops.sde_step(x, v, s, s_next, **common)
+        elif self.noise == "host":
+            out = ops.sde_step(x, v, s, s_next, noise=self.noise_buf[i], **common)
+        else:
+            out = ops.sde_step_philox(x, v, s, s_next, seed=self.seed, offset=self.offset, **common)
+        if step_kind != "ode":
+            self.rec_latents[i].copy_(x)
+            self.rec_next[i].copy_(out.prev_sample)
+            self.rec_log_probs[i].copy_(out.log_prob)
+        self.x.copy_(out.prev_sample)
 
-    def capture(self, warmup: int = 2) -> None:
-        """Warm up on a side stream (compiles kernels, sizes workspaces), then capture ``body``."""
+    def capture(self, step_kinds: list[str], warmup: int = 2) -> int:
+        """Capture the step graphs ``step_kinds`` needs and the program lacks (each warmed up on
+        a side stream first: compiles kernels, sizes workspaces); returns how many were new.
+        Warm-ups overwrite the static buffers: load the inputs afterwards."""
+        missing = [(i, k) for i, k in enumerate(step_kinds) if (i, k) not in self.graphs]
+        if not missing:
+            return 0
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):
-                self.body()
+                for i, k in missing:
+                    self.step(i, k)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.body()
-        self.graph = graph
+        for i, k in missing:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(i, k)
+            self.graphs[(i, k)] = graph
+        return len(missing)
 
-    def run(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+    def run(self, step_kinds: list[str], captured: bool) -> None:
+        for i, k in enumerate(step_kinds):
+            if captured:
+                self.graphs[(i, k)].replay()
+            else:
+                self.step(i, k)
+
+    def trajectory(self, step_kinds: list[str], cond: Cond, prompt_ids: Tensor | None) -> Trajectory:
+        """The outputs of the last run, copied out of the static buffers."""
+        recorded = [i for i, k in enumerate(step_kinds) if k != "ode"]
+        idx = torch.tensor(recorded, dtype=torch.long, device=self.device)
+        shape = (self.batch, 0, *self.x.shape[1:])
+        if recorded:
+            latents = torch.stack([self.rec_latents[i] for i in recorded], 1)
+            nxt = torch.stack([self.rec_next[i] for i in recorded], 1)
+            log_probs = torch.stack([self.rec_log_probs[i] for i in recorded], 1)
         else:
-            self.body()
-
-    def trajectory(self, cond: Cond, prompt_ids: Tensor | None) -> Trajectory:
-        """The outputs, copied out of the static buffers."""
-        idx = torch.tensor(self.recorded, dtype=torch.long, device=self.device)
+            latents, nxt = self.x.new_zeros(shape), self.x.new_zeros(shape)
+            log_probs = self.x.new_zeros(self.batch, 0)
         return Trajectory(
-            latents=self.out_latents.clone(), next_latents=self.out_next.clone(),
-            log_probs=self.out_log_probs.clone(), sigmas=self.sig_dev[idx],
+            latents=latents, next_latents=nxt, log_probs=log_probs, sigmas=self.sig_dev[idx],
             sigmas_next=self.sig_dev[idx + 1], step_indices=idx, sigma_guard=self.guard,
-            final=self.out_final.clone(),
+            final=self.x.clone(),
             prompt_ids=prompt_ids if prompt_ids is not None else torch.arange(self.batch),
             cond=dict(cond))
 
@@ -221,7 +254,8 @@ class GraphedSampler:
     """
 
     def __init__(self, policy: Policy, *, mode: str = "graph", noise: str = "auto",
-                 max_programs: int = 4, warmup: int = 2):
+                 max_programs: int = 4, warmup: int = 2, sharded: bool = False,
+                 required: bool = False):
         if mode not in MODES:
             raise ValueError(f"GraphedSampler mode must be one of {MODES}, got {mode!r}")
         if noise not in NOISE_MODES:
@@ -229,6 +263,7 @@ class GraphedSampler:
         if max_programs < 1:
             raise ValueError(f"max_programs must be >= 1, got {max_programs}")
         self.policy, self.mode, self.noise = policy, mode, noise
+        self.sharded, self.required = sharded, required
         self._on_cuda = False  # device of the last call: decides how loud a fallback is
         self.max_programs, self.warmup = max_programs, warmup
         self.programs: OrderedDict[tuple, _Program] = OrderedDict()
@@ -251,12 +286,24 @@ class GraphedSampler:
             return f"device {device} is not CUDA ({what} need a CUDA device)"
         if getattr(self.policy, "supports_cuda_graphs", True) is False:
             return f"{type(self.policy).__name__} declares supports_cuda_graphs = False"
+        if self.sharded:
+            return ("the policy is sharded (FSDP2): its weights are gathered into new memory for "
+                    "every rollout, which a captured graph would not follow")
         if self.mode == "graph" and ops.backend(device) != "triton":
             return ("the fused SDE kernels are off (FASTFLOW_KERNELS=torch or no triton): the "
                     "reference step synchronises with the host, which a capture forbids")
         return None
 
+    def check(self, device) -> None:
+        """Raise ValueError (one line) when ``required`` and rollouts on ``device`` would not be
+        captured; the trainer calls it at start-up, before the first rollout."""
+        reason = self._fallback_reason(torch.device(device))
+        if self.required and reason is not None:
+            raise ValueError(f"sample.cuda_graph = required, but the rollout would run eagerly: {reason}")
+
     def _note(self, path: str, reason: str | None) -> None:
+        if reason and self.required and path == "eager":
+            raise RuntimeError(f"sample.cuda_graph = required, but the rollout runs eagerly: {reason}")
         self.last_path, self.last_reason = path, reason
         if reason and reason not in self._logged:
             self._logged.add(reason)
@@ -271,10 +318,10 @@ class GraphedSampler:
 
     def _params_moved(self) -> bool:
         """True when a trainable parameter now lives in other memory than at capture time."""
-        try:
-            ptrs = {n: p.data_ptr() for n, p in self.policy.named_trainable_parameters().items()}
-        except Exception:  # noqa: BLE001 - a policy without the hook: nothing to compare
+        hook = getattr(self.policy, "named_trainable_parameters", None)
+        if hook is None:  # nothing to compare
             return False
+        ptrs = {n: p.data_ptr() for n, p in hook().items()}
         moved = self._param_ptrs is not None and ptrs != self._param_ptrs
         self._param_ptrs = ptrs
         return moved
@@ -315,9 +362,9 @@ class GraphedSampler:
         except TypeError as e:
             self._note("eager", f"conditioning has an unhashable non-tensor value ({e})")
             return sample(self.policy, cond, **kw)
+        # The window is not part of the key: it only picks which step graphs a call replays.
         key = (batch, tuple(self.policy.latent_shape), num_steps, float(guidance_scale),
-               float(noise_level), kind, tuple(window), noise, _autocast_dtype(autocast), cond_sig,
-               str(device))
+               float(noise_level), kind, noise, _autocast_dtype(autocast), cond_sig, str(device))
         if key in self.failed:
             self._note("eager", self.failed[key])
             return sample(self.policy, cond, **kw)
@@ -325,37 +372,34 @@ class GraphedSampler:
             log.info("trainable parameters were replaced: captured rollouts are rebuilt")
             self.programs.clear()
 
-        source = _NoiseSource(seeds, generator, device)
-        x0 = latents if latents is not None else source.draw((batch, *self.policy.latent_shape))
-        seed = self._philox_seed(seeds, generator) if noise == "philox" else 0
-
         program = self.programs.get(key)
         if program is None:
             program = _Program(self.policy, batch=batch, num_steps=num_steps,
                                guidance_scale=guidance_scale, noise_level=noise_level, kind=kind,
-                               window=window, noise=noise, cond=cond, autocast=autocast,
-                               device=device)
-            program.load(x0.to(device), cond, source, seed)
-            if self.mode == "graph":
-                try:
-                    program.capture(self.warmup)
-                except Exception as e:  # noqa: BLE001 - any capture failure means eager
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    self.failed[key] = f"capture failed: {type(e).__name__}: {msg}"
-                    self._note("eager", self.failed[key])
-                    # Per-sample seeds restart in sample(); a batch generator was partly consumed.
-                    return sample(self.policy, cond, **kw)
-                self.captures += 1
+                               noise=noise, cond=cond, autocast=autocast, device=device)
             self.programs[key] = program
             while len(self.programs) > self.max_programs:
                 self.programs.popitem(last=False)
-            program.offset.zero_()  # the warm-up runs advanced the Philox counter
         else:
             self.programs.move_to_end(key)
-            program.load(x0.to(device), cond, source, seed)
-        program.run()
+        step_kinds = program.step_kinds(window)
+        if self.mode == "graph":
+            try:  # before any noise is drawn: a failure leaves sample() the same noise
+                self.captures += program.capture(step_kinds, self.warmup)
+            except Exception as e:  # noqa: BLE001 - any capture failure means eager
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.failed[key] = f"capture failed: {type(e).__name__}: {msg}"
+                self.programs.pop(key, None)
+                self._note("eager", self.failed[key])
+                return sample(self.policy, cond, **kw)
+
+        source = _NoiseSource(seeds, generator, device)
+        x0 = latents if latents is not None else source.draw((batch, *self.policy.latent_shape))
+        seed = self._philox_seed(seeds, generator) if noise == "philox" else 0
+        program.load(x0.to(device), cond, source, seed, step_kinds)
+        program.run(step_kinds, captured=self.mode == "graph")
         self._note(self.mode, None)
-        return program.trajectory(cond, prompt_ids)
+        return program.trajectory(step_kinds, cond, prompt_ids)
 
     @staticmethod
     def _philox_seed(seeds, generator) -> int:

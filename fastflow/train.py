@@ -132,8 +132,15 @@ class Trainer:
         self.forward = forward_context(cfg, self.device)
         # CUDA: the rollout is captured once per shape and replayed; elsewhere (or when capture
         # fails) GraphedSampler runs the eager sampler and logs why, once.
-        self._sample = (GraphedSampler(self.policy, mode=cfg.sample.cuda_graph_mode)
-                        if cfg.sample.cuda_graph else functools.partial(sample, self.policy))
+        # Decided before anything is captured: under FSDP2 the weights are re-gathered into new
+        # memory every rollout, so the sampler runs eagerly (or, when required, refuses now).
+        self._sample = functools.partial(sample, self.policy)
+        if cfg.sample.cuda_graph != "off":
+            sampler = GraphedSampler(self.policy, mode=cfg.sample.cuda_graph_mode,
+                                     sharded=self.strategy == "fsdp",
+                                     required=cfg.sample.cuda_graph == "required")
+            sampler.check(self.device)
+            self._sample = sampler
         self.iteration = 0
         self.optimizer_steps = 0
         self.grids: dict[str, dict] = {}  # per-category eval images of the tagged evals
@@ -712,6 +719,22 @@ def resolve_resume(resume: str | None, cfg) -> tuple[Path | None, Path | None]:
                       f"folder (with state.json)")
 
 
+def check_cuda_graph_request(cfg, world_size: int) -> None:
+    """``sample.cuda_graph = required`` that cannot be met, known from the config alone (no CUDA
+    device for this run, or FSDP2 sharding, whose re-gathered weights a graph cannot follow):
+    ConfigError now, before anything loads. What only the model can tell (a policy that cannot be
+    captured) the trainer's GraphedSampler.check raises at start-up."""
+    if cfg.sample.cuda_graph != "required":
+        return
+    if pick_device(cfg.run.device).type != "cuda":
+        raise ConfigError(f"config: sample.cuda_graph = required, but this run has no CUDA device "
+                          f"(run.device {cfg.run.device}); use auto or off")
+    if parallel.will_shard(cfg, world_size):
+        raise ConfigError("config: sample.cuda_graph = required, but FSDP2 sharding (distributed.strategy "
+                          f"{cfg.distributed.strategy}, model.finetune {cfg.model.finetune}) re-gathers the "
+                          "weights every rollout, which a captured graph cannot follow; use auto or off")
+
+
 def _check(checkpoint: Path, resume: str) -> None:
     try:
         check_checkpoint(checkpoint)
@@ -886,8 +909,13 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(args.config), end="")
             return 0
         derived = validate(args.config, world_size_from_env())  # before anything heavy loads
+        try:
+            pick_device(args.config.run.device)
+        except RuntimeError as e:  # run.device cuda without one
+            raise ConfigError(f"config: {e}") from None
         resolve_resume(args.resume, args.config)  # a --resume that names nothing: one line, now
         check_served_rewards(args.config.reward.weights, args.config.reward.options)  # servers up?
+        check_cuda_graph_request(args.config, world_size_from_env())
         ranks = local_cpu_ranks(args.config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastflow: {e}", file=sys.stderr)

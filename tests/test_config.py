@@ -23,7 +23,7 @@ SPEC_DEFAULTS = {
                   offload_text_encoders=True),
     "sample": dict(train_steps=8, eval_steps=20, guidance_scale=4.5, noise_level=0.7, kind="sde", group_size=8,
                    prompts_per_iter=12, batch_size=16, shared_initial_noise=True, prompt_sampling="uniform",
-                   prompt_floor=0.2, window_size=2, window_start=0, cuda_graph=True, cuda_graph_mode="graph"),
+                   prompt_floor=0.2, window_size=2, window_start=0, cuda_graph="auto", cuda_graph_mode="graph"),
     "train": dict(optimizer="adamw", lr=1e-3, lr_schedule="constant", lr_warmup=0, lr_min_ratio=0.1,
                   beta1=0.9, beta2=0.999, weight_decay=1e-4, adam_eps=1e-8,
                   batch_size=16, optimizer_steps=1, beta=0.04, clip_range=1e-4, adv_clip=5.0, global_std=True,

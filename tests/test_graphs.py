@@ -145,6 +145,38 @@ def test_static_program_sees_weight_updates_and_replaced_parameters(monkeypatch)
     _assert_same_traj(got, sample(policy, cond, seeds=seeds, **KW))
 
 
+def test_one_static_program_serves_every_window(monkeypatch):
+    """The window picks each step's SDE or ODE body; it is not part of the program's key, so a
+    random window per iteration never builds (or, on CUDA, captures) a new program."""
+    monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
+    policy = ToyPolicy()
+    sampler = GraphedSampler(policy, mode="static")
+    cond = _cond(policy, 3)
+    for start in (0, 3, 1, 2, 0):
+        win = sde_window(5, 2, start)
+        got = sampler(cond, seeds=torch.tensor([4, 5, 6]), window=win, **KW)
+        _assert_same_traj(got, sample(policy, cond, seeds=torch.tensor([4, 5, 6]), window=win, **KW))
+        assert got.step_indices.tolist() == [start, start + 1]
+    assert len(sampler.programs) == 1
+
+
+def test_sharded_policies_and_required_graphs_are_decided_before_capture(monkeypatch, caplog):
+    monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
+    policy = ToyPolicy()
+    with pytest.raises(ValueError, match="cuda_graph = required.*not CUDA"):
+        GraphedSampler(policy, required=True).check("cpu")
+    with pytest.raises(RuntimeError, match="cuda_graph = required.*not CUDA"):
+        GraphedSampler(policy, required=True)(_cond(policy, 2), seeds=torch.tensor([1, 2]), **KW)
+    GraphedSampler(policy, mode="static", required=True).check("cpu")  # static never falls back
+    sharded = GraphedSampler(policy, sharded=True)
+    reason = sharded._fallback_reason(torch.device("cuda"))
+    if CUDA:
+        assert "sharded (FSDP2)" in reason
+    else:  # without CUDA the device is the first reason; the sharded one is next in line
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert "sharded (FSDP2)" in sharded._fallback_reason(torch.device("cuda"))
+
+
 def test_bad_options_and_philox_without_kernels(monkeypatch):
     policy = ToyPolicy()
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -209,7 +241,23 @@ def test_graph_equals_eager_on_cuda(kind, window):
         assert sampler.last_path == "graph", sampler.last_reason
         want = sample(policy, cond, seeds=torch.tensor(seeds), **kw)
         _assert_same_traj(got, want, exact=False)
-    assert sampler.captures == 1
+    assert sampler.captures == KW["num_steps"]  # one graph per step, captured once
+
+
+@gpu
+def test_random_windows_replay_one_program_on_cuda():
+    policy = ToyPolicy(device="cuda")
+    sampler = GraphedSampler(policy, mode="graph")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        start = int(torch.randint(0, 4, (1,), generator=g))
+        win = sde_window(5, 2, start)
+        cond = _cond(policy, 4)
+        kw = dict(KW, window=win, device="cuda")
+        got = sampler(cond, seeds=torch.tensor([1, 2, 3, 4]), **kw)
+        assert sampler.last_path == "graph", sampler.last_reason
+        _assert_same_traj(got, sample(policy, cond, seeds=torch.tensor([1, 2, 3, 4]), **kw), exact=False)
+    assert len(sampler.programs) == 1 and sampler.captures <= 2 * KW["num_steps"]
 
 
 @gpu
@@ -217,7 +265,7 @@ def test_graph_philox_fresh_noise_on_cuda():
     policy = ToyPolicy(device="cuda")
     sampler = GraphedSampler(policy, mode="graph", noise="philox")
     _philox_checks(policy, sampler, "cuda")
-    assert sampler.captures == 1
+    assert sampler.captures == KW["num_steps"]
 
 
 @gpu
@@ -231,7 +279,7 @@ def test_graph_sees_optimizer_updates_on_cuda():
             p.mul_(1.1)
     got = sampler(cond, seeds=seeds, device="cuda", **KW)
     _assert_same_traj(got, sample(policy, cond, seeds=seeds, device="cuda", **KW), exact=False)
-    assert sampler.captures == 1
+    assert sampler.captures == KW["num_steps"]
 
 
 @gpu

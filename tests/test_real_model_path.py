@@ -408,3 +408,26 @@ def test_an_unreachable_reward_server_stops_the_run_before_it_starts(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "reward remote" in err and f"127.0.0.1:{port}" in err and "\n" not in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_graph_requests_that_cannot_be_met_stop_before_loading(tmp_path, capsys, monkeypatch):
+    import fastflow.models as models
+
+    monkeypatch.setattr(models, "build_policy", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    base = ["--run.output_dir", str(tmp_path / "runs"), "--distributed.cpu_ranks", "1"]
+    if not torch.cuda.is_available():
+        assert train_mod.main([*base, "--sample.cuda_graph", "required"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+        assert train_mod.main([*base, "--run.device", "cuda"]) == 2
+        assert "no CUDA device is available" in capsys.readouterr().err
+    cfg = load_config(None, ["--sample.cuda_graph", "required", "--model.finetune", "full"])
+    monkeypatch.setattr(train_mod, "pick_device", lambda pref: torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="FSDP2 sharding"):
+        train_mod.check_cuda_graph_request(cfg, 8)
+    train_mod.check_cuda_graph_request(cfg, 1)  # one GPU: nothing sharded
+    # legacy spellings still load: true / false are auto / off
+    assert load_config(None, ["--sample.cuda_graph", "false"]).sample.cuda_graph == "off"
+    legacy = tmp_path / "legacy.toml"
+    legacy.write_text("[sample]\ncuda_graph = true\n")
+    assert load_config(str(legacy)).sample.cuda_graph == "auto"
+    assert not (tmp_path / "runs").exists()
