@@ -130,6 +130,7 @@ class Trainer:
         # recompute and the KL reference: the recorded log-probs are then reproduced bit for bit
         # on the first, on-policy pass (logged as onpolicy/*).
         self.forward = forward_context(cfg, self.device)
+        self._warn_kernel_choices()
         # CUDA: the rollout is captured once per shape and replayed; elsewhere (or when capture
         # fails) GraphedSampler runs the eager sampler and logs why, once.
         # Decided before anything is captured: under FSDP2 the weights are re-gathered into new
@@ -163,6 +164,22 @@ class Trainer:
             print(f"fastflow: {base} holds an earlier run; writing this one to {new} "
                   f"(use --resume to continue the earlier one)", file=sys.stderr)
         return new
+
+    def _warn_kernel_choices(self) -> None:
+        """Settings under which the first training pass may not reproduce the rollout's log-probs
+        bit for bit on a GPU (GEMM and attention kernels are chosen by shape and by graph), said
+        once at start-up; onpolicy/ratio_dev_max then shows by how much."""
+        cfg = self.cfg
+        if self.device.type != "cuda" or not self.info.is_main:
+            return
+        if self.derived.train_batch_size != cfg.sample.batch_size:
+            log.warning("train.batch_size (%d) != sample.batch_size (%d): kernels picked by shape may differ "
+                        "between rollout and training, so on-policy ratios may deviate from 1 by rounding "
+                        "(watch onpolicy/ratio_dev_max against train.clip_range %g)",
+                        self.derived.train_batch_size, cfg.sample.batch_size, cfg.train.clip_range)
+        if cfg.model.compile:
+            log.warning("model.compile: the rollout (no grad) and the training pass (grad) compile to different "
+                        "graphs whose fusions may round differently (watch onpolicy/ratio_dev_max)")
 
     def _cache_prompts(self) -> None:
         """Encode the fixed prompt lists once, over the ranks (policies with ``cache_prompts``:

@@ -431,3 +431,23 @@ def test_cuda_graph_requests_that_cannot_be_met_stop_before_loading(tmp_path, ca
     legacy.write_text("[sample]\ncuda_graph = true\n")
     assert load_config(str(legacy)).sample.cuda_graph == "auto"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.gpu
+def test_offloading_the_text_encoders_frees_their_device_memory(tmp_path, pipes):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fastflow.models import build_policy
+    from tests.tiny_pipelines import tiny_cfg
+
+    policy = build_policy(tiny_cfg("sd3", pipes["sd3"], dtype="bfloat16"), "cuda")
+    encoder_bytes = sum(p.numel() * p.element_size() for e in policy.text_encoders() for p in e.parameters())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    policy.cache_prompts(PROMPTS, cache_dir=tmp_path / "c", offload=True)
+    torch.cuda.synchronize()
+    assert before - torch.cuda.memory_allocated() >= encoder_bytes
+    assert policy.encoder_device.type == "cpu"
+    cond = policy.encode_prompts(PROMPTS)  # from the store, onto the GPU
+    assert cond["prompt_embeds"].device.type == "cuda"
+    assert policy.encode_prompts(["a yellow bird"])["prompt_embeds"].device.type == "cuda"  # encoded on the host
