@@ -16,9 +16,11 @@
 # Parts never share a failure: there is no `set -e` across them, each runs in its own process
 # under `timeout`, and the summary marks each ok / failed / timed out / skipped with its wall
 # time. A part is skipped when less than its minimum start time is left of the budget; a part's
-# limit is cut to what is left. Environment: GPU_SUITE_COMMIT (the commit when the tree has no
-# .git), GPU_SUITE_PYTHON (default python3; .venv/bin/python in a dry run when present),
-# GPU_SUITE_PYTEST_WORKERS (pytest-xdist workers on the GPU, default 4 when xdist is installed).
+# limit is cut to what is left, and a bench part hands its limit less a margin (10%, at least
+# 5 s) to the bench as --time-budget. Environment: GPU_SUITE_COMMIT (the commit when the tree
+# has no .git; the benches stamp their rows with it), GPU_SUITE_PYTHON (default python3;
+# .venv/bin/python in a dry run when present), GPU_SUITE_PYTEST_WORKERS (pytest-xdist workers
+# on the GPU, default 4 when xdist is installed).
 set -u -o pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -54,10 +56,20 @@ die() { echo "gpu_suite.sh: $*" >&2; exit 2; }
 # repository root, with the environment the main process exported (GPU_SUITE_*).
 
 dry() { [ "$GPU_SUITE_DRY" = 1 ]; }
-sampler() { "$PY" bench/sampler_throughput.py --out "$OUTDIR" "$@"; }
-train() { "$PY" bench/train_step.py --out "$OUTDIR" "$@"; }
-# bench/kernels.py has no --out: the wrapper points its rows at OUTDIR.
-kernels_bench() { "$PY" bench/gpu_run_bench.py "$OUTDIR" bench/kernels.py "$@"; }
+# A bench appends each row the moment it is measured, and with --time-budget starts no case that
+# would end past it (counted from its own start) and exits 0: the budget is the part's limit
+# less a margin for the process to exit, so a part usually ends by itself, and a kill at the
+# limit still keeps every row measured before it.
+bench_budget() {
+    local limit=${GPU_SUITE_PART_LIMIT:-0} margin
+    margin=$(( limit / 10 ))
+    [ "$margin" -ge "$BENCH_MARGIN" ] || margin=$BENCH_MARGIN
+    echo $(( limit > margin ? limit - margin : 0 ))
+}
+bench() { "$PY" "bench/$1" --out "$OUTDIR" --time-budget "$(bench_budget)" "${@:2}"; }
+sampler() { bench sampler_throughput.py "$@"; }
+train() { bench train_step.py "$@"; }
+kernels_bench() { bench kernels.py "$@"; }
 
 part_install() {
     shopt -s nullglob
@@ -227,26 +239,8 @@ for entry in "$ROOT"/fastflow/*; do
     [ "$(basename "$entry")" = __pycache__ ] || ln -s "$entry" "$WORK/src/fastflow/"
 done
 [ -e "$WORK/src/fastflow/kernels" ] || ln -s "$ROOT/kernels" "$WORK/src/fastflow/kernels"
-# A copy of the tree without .git: the benches stamp every row with common.git_commit(), which
-# asks git for HEAD and the status. A shim first on PATH answers those two with GPU_SUITE_COMMIT
-# (status: clean, the commit string already says +dirty) and fails like git on anything else.
-if [ -n "${GPU_SUITE_COMMIT:-}" ] && ! git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
-    mkdir -p "$WORK/bin"
-    cat >"$WORK/bin/git" <<'SHIM'
-#!/usr/bin/env bash
-for a in "$@"; do
-    case "$a" in
-        rev-parse) echo "$GPU_SUITE_COMMIT"; exit 0 ;;
-        status) exit 0 ;;
-    esac
-done
-echo "fatal: not a git repository (bench/gpu_suite.sh shim)" >&2
-exit 128
-SHIM
-    chmod +x "$WORK/bin/git"
-    export PATH="$WORK/bin:$PATH"
-fi
-
+# GPU_SUITE_COMMIT is exported below: in a copy of the tree without .git, the benches'
+# common.git_commit() stamps every row with it.
 export GPU_SUITE_DRY=$DRY GPU_SUITE_MODE=$MODE GPU_SUITE_WHEELS=$WHEELS GPU_SUITE_SITE=$WORK/site
 export GPU_SUITE_COMMIT=$COMMIT OUTDIR=$OUTDIR_ABS PY
 # PYTHONSAFEPATH: no script folder or working directory in front of sys.path, so the repository's
@@ -255,10 +249,11 @@ export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYTHONPATH="$WORK/src:$WORK/site${PYT
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-    RESERVE=2 MIN_START=2 GRACE=2
+    RESERVE=2 MIN_START=2 GRACE=2 BENCH_MARGIN=2
 else
-    RESERVE=10 MIN_START=20 GRACE=5
+    RESERVE=10 MIN_START=20 GRACE=5 BENCH_MARGIN=5
 fi
+export BENCH_MARGIN
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 refresh() {
@@ -287,7 +282,8 @@ for name in "${SELECTED[@]}"; do
     else
         [ "$limit" -le "$left" ] || limit=$left
         t0=$(date +%s.%N)
-        timeout -k "$GRACE" "$limit" bash "$SELF" --part "$name" >"$OUTDIR_ABS/$log" 2>&1 </dev/null
+        GPU_SUITE_PART_LIMIT=$limit timeout -k "$GRACE" "$limit" bash "$SELF" --part "$name" \
+            >"$OUTDIR_ABS/$log" 2>&1 </dev/null
         rc=$?
         t1=$(date +%s.%N)
         wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}')

@@ -2,6 +2,7 @@
 
     python bench/kernels.py                  # every case on the default device
     python bench/kernels.py --cases sd35     # one size; --reps N, --no-compile, --device cpu
+    python bench/kernels.py --out DIR --time-budget 40    # rows into DIR, stop starting ops after 40 s
 
 Ops (CFG halves in bf16, latents in float32, as in a real run):
   rollout        one SDE rollout step from a noise tensor (next sample + log-prob)
@@ -13,7 +14,9 @@ Achieved GB/s counts each input read once and each output written once; "%copy" 
 device's measured copy bandwidth. On CUDA inputs are flushed from L2 before every timed call.
 Goals on an H100: >= 80% of copy bandwidth at the large size, >= 5x eager at the SD3.5 size.
 On a CPU only the eager reference runs, on small sizes (the kernels would run in the interpreter,
-which says nothing about speed). Rows are appended to bench/results/kernels-<device>.jsonl.
+which says nothing about speed). Rows are appended to <out>/kernels-<device>.jsonl (--out, default
+bench/results) as each op of a case is measured; --time-budget SECONDS starts no (case, op) that
+would end past the budget and lists what it skipped.
 """
 
 from __future__ import annotations
@@ -23,13 +26,19 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _BENCH_DIR)
 
 import torch  # noqa: E402
 
-from common import copy_bandwidth_gbps, header, time_ms, write_rows  # noqa: E402
+import common  # noqa: E402
+from common import copy_bandwidth_gbps, header, time_ms  # noqa: E402
 from fastflow import grpo, sde  # noqa: E402
 from fastflow.sde import GuidedVelocity  # noqa: E402
+
+# bench/ leaves sys.path once common is imported: this file would otherwise stand in for the
+# ``kernels`` package that diffusers and bitsandbytes probe for.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH_DIR]
 
 # name -> (batch, latent shape)
 GPU_CASES = {
@@ -123,22 +132,28 @@ def compiled_fns(t):
     return {op: torch.compile(fn, dynamic=False) for op, fn in reference_fns(t).items()}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+def main(argv=None) -> int:
+    p = common.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_arguments(p)
     p.add_argument("--cases", nargs="*", help="case names (default: all for the device)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = common.check_common_arguments(p, args)
     gpu = device.type == "cuda"
-    info = header(device)
     cases = GPU_CASES if gpu else CPU_CASES
     unknown = set(args.cases or []) - set(cases)
     if unknown:
-        raise SystemExit(f"unknown case(s) {sorted(unknown)} for {device.type}; have {sorted(cases)}")
+        p.error(f"unknown case(s) {sorted(unknown)} for {device.type}; have {sorted(cases)}")
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
     names = args.cases or list(cases)
     reps = args.reps or (20 if gpu else 3)
+    budget = common.TimeBudget(args.time_budget)
+    info = header(device)
+    writer = common.RowWriter("kernels", info)
+    if budget.banner():
+        print(budget.banner())
     if gpu:
         from fastflow import kernels
         copy_bw = copy_bandwidth_gbps(device, 1 << 30)
@@ -149,18 +164,24 @@ def main(argv=None) -> None:
               "(the Triton kernels and torch.compile are GPU measurements)")
     flush = (256 << 20) if gpu else 0
 
-    rows = []
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
+
     print(f"{'op':<15} {'case':<6} {'impl':<8} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'x eager':>8} {'x compile':>9}")
     for name in names:
         batch, shape = cases[name]
-        t = make_inputs(batch, shape, device)
         numel = batch * math.prod(shape)
-        impls = {"eager": reference_fns(t)}
-        if gpu and not args.no_compile:
-            impls["compile"] = compiled_fns(t)
-        if gpu:
-            impls["triton"] = fused_fns(t, kernels)
+        t = impls = None  # inputs are made when the first op of the case starts
         for op in BYTES:
+            if not budget.allows(f"{name}/{op}"):
+                continue
+            if t is None:
+                t = make_inputs(batch, shape, device)
+                impls = {"eager": reference_fns(t)}
+                if gpu and not args.no_compile:
+                    impls["compile"] = compiled_fns(t)
+                if gpu:
+                    impls["triton"] = fused_fns(t, kernels)
             ms = {}
             for impl, fns in impls.items():
                 try:
@@ -175,17 +196,17 @@ def main(argv=None) -> None:
                        "frac_copy_bw": gbps / copy_bw if copy_bw else None,
                        "speedup_vs_eager": ms["eager"] / m if "eager" in ms else None,
                        "speedup_vs_compile": ms["compile"] / m if "compile" in ms else None}
-                rows.append(row)
-
-                def fmt(v, spec):
-                    return format(v, spec) if v is not None else "-"
+                writer.write(row)
                 print(f"{op:<15} {name:<6} {impl:<8} {m:9.3f} {gbps:8.1f} "
                       f"{fmt(row['frac_copy_bw'] and 100 * row['frac_copy_bw'], '6.1f')} "
                       f"{fmt(row['speedup_vs_eager'], '8.2f')} {fmt(row['speedup_vs_compile'], '9.2f')}")
-        del t
-    path = write_rows("kernels", rows, info)
-    print(f"# {len(rows)} rows -> {path}")
+            budget.done()
+        del t, impls
+    if budget.report():
+        print(budget.report())
+    print(writer.summary())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,11 +1,16 @@
-"""The benchmarks run in their tiny CPU mode and write well-formed JSON rows; their FLOP counts
-agree with torch's FLOP counter; CMakeLists.txt configures and registers the cpu / gpu tests."""
+"""The benchmarks run in their tiny CPU mode and write well-formed JSON rows, each as it is
+measured (a killed bench keeps them), honour --out and --time-budget, and end bad input in one
+line; bench/common.py's time budget and commit fallback; their FLOP counts agree with torch's FLOP
+counter; CMakeLists.txt configures and registers the cpu / gpu tests."""
 
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +49,8 @@ def test_sampler_throughput_cpu_smoke(tmp_path):
         assert r["flops_per_rollout"] > 0 and r["peak_mem_gib"] is None
         if r["method"] == "fastflow":
             assert r["path"] == "eager" and "not CUDA" in r["fallback_reason"]
-            assert r["speedup"] > 0
+            assert r["speedup"] > 0 and r["attention"] == "auto"
+            assert r["captures"] == 0 and r["captures_timed"] == 0  # nothing captured off CUDA
     sd3 = [r for r in rows if r["model"] == "tiny-sd3"]
     assert all(r["cfg"] for r in sd3) and not any(r["cfg"] for r in rows if r["model"] == "tiny-flux")
 
@@ -58,6 +64,8 @@ def test_train_step_cpu_smoke(tmp_path):
         _check_header(r)
         assert r["seconds_per_step"] > 0 and 0 < r["mfu"] < 1 and r["loss_finite"] is True
         assert r["trained_steps"] == 2  # floor(3 * 0.99) of the tiny 3-step rollout
+        # the recompute reproduces the rollout's log-probs before the first update
+        assert r["attention"] == "auto" and 0 <= r["onpolicy_ratio_dev"] < 1e-6
     lora, full = sorted(rows, key=lambda r: r["finetune"] != "lora")
     assert full["flops_per_step"] > lora["flops_per_step"]  # weight gradients count in full
 
@@ -68,7 +76,152 @@ def test_bench_rejects_bad_arguments(tmp_path):
                            "--models", "sd2", "--out", str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "unknown model 'sd2'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def _results_listing():
+    res = BENCH / "results"
+    return sorted((p.name, p.stat().st_size) for p in res.rglob("*")) if res.exists() else []
+
+
+@pytest.mark.parametrize("script", ["kernels.py", "sampler_throughput.py", "train_step.py"])
+def test_cuda_without_a_gpu_is_one_line(tmp_path, script):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--device", "cuda", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"{script}: --device cuda: no CUDA device is available"]
+    assert proc.stdout == "" and not out.exists()
+
+
+def test_kernels_out_puts_rows_in_that_folder(tmp_path):
+    before = _results_listing()
+    out, rows = _run_bench("kernels.py", tmp_path / "new", "--cases", "tiny", "--reps", "1")
+    assert [(r["case"], r["op"], r["impl"]) for r in rows] == [
+        ("tiny", op, "eager") for op in ("rollout", "rollout_philox", "train_fwd", "train_fwd_bwd")]
+    for r in rows:
+        _check_header(r)
+        assert r["bench"] == "kernels" and r["ms"] > 0
+    assert "# 4 rows -> " + str(tmp_path / "new") in out
+    assert _results_listing() == before  # nothing appended to the committed results
+
+
+@pytest.mark.parametrize("script, skipped", [
+    ("kernels.py", "skipped 8 case(s): tiny/rollout, tiny/rollout_philox, tiny/train_fwd, "
+                   "tiny/train_fwd_bwd, small/rollout,"),
+    ("sampler_throughput.py", "skipped 4 case(s): tiny-sd3 b=2 reference, tiny-sd3 b=2 fastflow, "
+                              "tiny-flux b=2 reference, tiny-flux b=2 fastflow"),
+    ("train_step.py", "skipped 4 case(s): tiny-sd3 lora torch, tiny-sd3 full torch, "
+                      "tiny-flux lora torch, tiny-flux full torch"),
+])
+def test_spent_time_budget_skips_every_case_and_exits_0(tmp_path, script, skipped):
+    # The budget counts from the process start, so after the imports 0.01 s is spent for sure.
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--device", "cpu", "--out", str(tmp_path),
+                           "--time-budget", "0.01"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("# time budget:")]
+    assert len(lines) == 1 and skipped in lines[0], proc.stdout
+    assert "# 0 rows (nothing written)" in proc.stdout
+    assert not list(tmp_path.iterdir())  # no model built, no file made
+
+
+def test_rows_survive_a_kill(tmp_path):
+    """Each row is on disk as soon as it is measured: killed (as `timeout` does) after the first
+    case, the bench leaves that case's row, complete."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(BENCH / "train_step.py"), "--device", "cpu",
+                             "--out", str(tmp_path), "--models", "sd3.5-medium,flux.1-dev",
+                             "--finetune", "lora,full"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            files = list(tmp_path.glob("*.jsonl"))
+            if files and files[0].read_text().endswith("\n"):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL  # killed before its last case: not a finished run
+    text = next(tmp_path.glob("*.jsonl")).read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert 1 <= len(rows) < 4 and text.endswith("\n")
+    assert rows[0]["model"] == "tiny-sd3" and rows[0]["finetune"] == "lora"
+    assert rows[0]["seconds_per_step"] > 0 and rows[0]["commit"]
+
+
+@pytest.fixture()
+def bench_common():
+    """bench/common.py loaded by path (see bench_models below)."""
+    spec = importlib.util.spec_from_file_location("fastflow_bench_common", BENCH / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_budget_stops_before_a_case_that_would_not_fit(bench_common):
+    now = [1.0]
+    budget = bench_common.TimeBudget(10, clock=lambda: now[0])
+    assert budget.allows("a")  # nothing measured yet: it starts while time is left
+    now[0] = 3.0
+    budget.setup_done()  # a built the model in 2 s: later cases reuse it
+    now[0] = 5.0
+    budget.done()  # a took 2 s after its set-up, 4 s in all
+    assert budget.allows("b")  # 5 + 2 <= 10
+    now[0] = 8.5
+    budget.done()  # b took 3.5 s: the estimate is the longest, 3.5 s
+    now[0] = 8.9
+    assert not budget.allows("c")  # 8.9 + 3.5 > 10
+    now[0] = 0.0
+    assert not budget.allows("d")  # once stopped, nothing more starts
+    assert budget.skipped == ["c", "d"]
+    assert budget.report() == ("# time budget: 8.9 s of 10 s spent, the longest case so far took "
+                               "3.5 s: skipped 2 case(s): c, d")
+    spent = bench_common.TimeBudget(2, clock=lambda: 2.5)
+    assert not spent.allows("x") and spent.report().startswith("# time budget: 2.5 s of 2 s spent: ")
+    free = bench_common.TimeBudget(None, clock=lambda: 1e9)
+    assert free.allows("x") and free.report() is None and free.banner() is None
+    # the default clock counts from the process start: at least the time since this test began
+    assert bench_common.process_elapsed() >= time.monotonic() - bench_common._IMPORTED
+
+
+def test_git_commit_falls_back_to_the_environment(tmp_path, monkeypatch, bench_common):
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if shutil.which("git") is None or head.returncode != 0:
+        pytest.skip("needs git and the repository's .git")
+    monkeypatch.setenv("FASTFLOW_COMMIT", "from-env")
+    assert bench_common.git_commit().split("+")[0] == head.stdout.strip()  # git wins when present
+
+    def copy_in(folder: Path):
+        (folder / "bench").mkdir(parents=True)
+        shutil.copy(BENCH / "common.py", folder / "bench" / "common.py")
+        spec = importlib.util.spec_from_file_location(f"bench_common_{folder.name}", folder / "bench" / "common.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    copy = copy_in(tmp_path / "copy")  # a tree without .git
+    assert copy.git_commit() == "from-env"
+    monkeypatch.delenv("FASTFLOW_COMMIT")
+    monkeypatch.setenv("GPU_SUITE_COMMIT", "abc123+dirty")
+    assert copy.git_commit() == "abc123+dirty"
+    # a copy inside another repository does not take that repository's HEAD
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(git + cmd, cwd=outer, check=True, capture_output=True)
+    assert copy_in(outer / "tree").git_commit() == "abc123+dirty"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # git not installed
+    assert bench_common.git_commit() == "abc123+dirty"
+    monkeypatch.delenv("GPU_SUITE_COMMIT")
+    assert copy.git_commit() == "unknown"
 
 
 @pytest.fixture(scope="module")

@@ -57,13 +57,28 @@ def _results_listing():
     return sorted((p.name, p.stat().st_size) for p in res.rglob("*")) if res.exists() else []
 
 
+def _copy_without_git(dest: Path) -> Path:
+    """The tree as the GPU machine gets it: a copy without .git (what the suite runs from it)."""
+    skip = shutil.ignore_patterns("__pycache__", "results", ".gpu_wheels")
+    for folder in ("bench", "fastflow", "kernels"):
+        shutil.copytree(ROOT / folder, dest / folder, ignore=skip)
+    return dest
+
+
 @pytest.mark.slow
 def test_dry_run_keeps_every_part_and_reports_failures(tmp_path):
+    """Run from a copy of the tree without .git, as on the GPU machine: the rows carry
+    GPU_SUITE_COMMIT (bench/common.py's fallback, no git stand-in)."""
     wheels, out, export = tmp_path / "wheels", tmp_path / "out", tmp_path / "export"
     _probe_wheel(wheels)
+    tree = _copy_without_git(tmp_path / "tree")
     before = _results_listing()
-    proc = _suite(out, "--dry-run", "--wheels", wheels, "--export", export,
-                  "--only", "kernels_sd35,dry_fail,dry_timeout,train_sd35_full")
+    proc = subprocess.run(["bash", str(tree / "bench" / "gpu_suite.sh"), str(out), "--dry-run", "--wheels",
+                           str(wheels), "--export", str(export),
+                           "--only", "kernels_sd35,dry_fail,dry_timeout,train_sd35_full"],
+                          cwd=tree, env={**{k: v for k, v in os.environ.items() if k != "GPU_SUITE_DRY"},
+                                         "GPU_SUITE_PYTHON": PY, "GPU_SUITE_COMMIT": "c0ffee+dirty"},
+                          capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "6 of 6 parts as expected" in proc.stdout
 
@@ -82,14 +97,19 @@ def test_dry_run_keeps_every_part_and_reports_failures(tmp_path):
     assert env["mode"] == "dry-run" and env["cuda_available"] is False
     assert Path(env["fastflow.kernels"]).parts[-2:] == ("fastflow", "kernels")
     assert "gpu_suite." in env["fastflow.kernels"]
+    assert env["commit"] == "c0ffee+dirty"
 
-    # rows of a part run after the failing and the hung one, and of the --out-less kernels bench
+    # rows of a part run after the failing and the hung one, and of the kernels bench (--out)
     kernels = [json.loads(line) for f in out.glob("kernels-*.jsonl") for line in f.read_text().splitlines()]
     assert {(r["case"], r["impl"]) for r in kernels} == {("tiny", "eager")} and len(kernels) == 4
     train = [json.loads(line) for f in out.glob("train_step-*.jsonl") for line in f.read_text().splitlines()]
     assert [(r["model"], r["finetune"], r["kernels"]) for r in train] == [("tiny-sd3", "full", "torch")]
-    assert all(r["commit"] and r["device"] for r in kernels + train)
-    assert _results_listing() == before  # nothing appended to the committed results
+    assert all(r["commit"] == "c0ffee+dirty" and r["device"] for r in kernels + train)
+    assert not (tree / "bench" / "results").exists()  # nothing appended to the tree's results
+    assert _results_listing() == before
+    # each bench part gets its limit (90 s in a dry run) less the 10% margin as --time-budget
+    for log in ("kernels_sd35.log", "train_sd35_full.log"):
+        assert "# time budget 81 s from the process start" in (out / log).read_text(), log
 
     summary = (out / "summary.md").read_text()
     for line in ("| dry_fail | failed (exit 3) |", "| dry_timeout | timed out |", "| kernels_sd35 | ok |",
