@@ -7,6 +7,10 @@
 Import needs triton. Set TRITON_INTERPRET=1 before importing to run them on CPU tensors through
 Triton's interpreter (the parity tests do); ``INTERPRETED`` records which mode they were built in.
 Use them through fastflow.ops, which picks them or the PyTorch reference.
+
+specs.py holds every compile-time specialisation the launchers can request (they launch through
+it); ``python -m fastflow.kernels.compile_report`` compiles them all for sm_80 and sm_90 without a
+GPU. docs/kernels.md describes the kernels, their specialisations and their numerics.
 """
 
 if __name__ == "kernels":

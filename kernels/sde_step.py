@@ -19,29 +19,29 @@ from torch import Tensor
 
 from fastflow.sde import GuidedVelocity, StepOutput
 
-from ._common import (KIND_IDS, NUM_WARPS, check_guard, geometry, launch_finalize, load_velocity,
-                      per_sample, rows, step_coefs, step_mean)
+from . import specs
+from ._common import (PerSample, as_float32, check_guard, geometry, launch_finalize, load_velocity,
+                      rows, sigma_args, step_coefs, step_mean, velocity_dtype)
+from .specs import KIND_IDS, NOISE_GIVEN_NEXT, NOISE_PHILOX, NOISE_TENSOR
 
-NOISE_TENSOR, NOISE_PHILOX, NOISE_GIVEN_NEXT = 0, 1, 2
 
-
-@triton.jit
+@triton.jit(do_not_specialize=["sig_s", "nxt_s", "grd_s"])
 def _sde_step_kernel(x_ptr, sx, u_ptr, su, c_ptr, sc, w, n_ptr, sn_, y_ptr, sy, seed_ptr, off_ptr,
                      out_ptr, mean_ptr, part_ptr,
-                     sig_ptr, sig_s, nxt_ptr, nxt_s, grd_ptr, grd_s, a, sin_a, N, C,
-                     KIND: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
+                     sig_ptr, sig_s, sig_v, nxt_ptr, nxt_s, nxt_v, grd_ptr, grd_s, grd_v, a, sin_a,
+                     N, C, KIND: tl.constexpr, CFG: tl.constexpr, NOISE: tl.constexpr,
                      WRITE_OUT: tl.constexpr, WRITE_MEAN: tl.constexpr,
                      BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
     b64 = b.to(tl.int64)
-    s, sn, dt, std_t, step_std, k1, k2 = step_coefs(b, sig_ptr, sig_s, nxt_ptr, nxt_s, grd_ptr,
-                                                    grd_s, a, sin_a, KIND)
+    s, sn, dt, std_t, step_std, k1, k2 = step_coefs(b, sig_ptr, sig_s, sig_v, nxt_ptr, nxt_s, nxt_v,
+                                                    grd_ptr, grd_s, grd_v, a, sin_a, KIND)
     if NOISE == 1:
         seed = tl.load(seed_ptr)
         base = tl.load(off_ptr) + b64 * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for it in tl.static_range(ITERS):
+    for it in range(ITERS):
         idx = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < N
         x = tl.load(x_ptr + b64 * sx + idx, mask=mask, other=0.0).to(tl.float32)
@@ -65,7 +65,7 @@ def _sde_step_kernel(x_ptr, sx, u_ptr, su, c_ptr, sc, w, n_ptr, sn_, y_ptr, sy, 
         if WRITE_MEAN:
             tl.store(mean_ptr + b64 * N + idx, m, mask=mask)
     if KIND != 2:
-        tl.store(part_ptr + b * C + chunk, tl.sum(acc, axis=0))
+        tl.store(part_ptr + b64 * C + chunk, tl.sum(acc, axis=0))
 
 
 def _velocity_parts(velocity, shape):
@@ -77,6 +77,7 @@ def _velocity_parts(velocity, shape):
     for p in parts:
         if tuple(p.shape) != tuple(shape):
             raise ValueError(f"velocity shape {tuple(p.shape)} != sample shape {tuple(shape)}")
+    parts = velocity_dtype(parts)
     u = rows(parts[0])
     c = rows(parts[1]) if cfg else u
     return u, c, scale, cfg
@@ -93,36 +94,38 @@ def sde_step(sample: Tensor, velocity, sigma, sigma_next, *, noise_level: float,
     is advanced by ``B * N`` in place afterwards, so a CUDA graph replays with fresh noise); else a
     ``torch.randn`` draw from ``generator``. need_mean=False skips writing the mean (StepOutput.mean
     is then None): the rollout does not need it.
+
+    sigma, sigma_next, sigma_guard: python floats (passed to the kernel by value), or tensors
+    broadcastable as ``[B]``; float32 tensors on the sample's device are read in place (no copy,
+    no sync).
     """
     if kind not in KIND_IDS:
         raise ValueError(f"kind must be one of {tuple(KIND_IDS)}, got {kind!r}")
     if sample.dtype == torch.float64:
         raise ValueError("the fused sde_step computes in float32; float64 inputs use fastflow.sde")
     batch, shape, dev = sample.shape[0], tuple(sample.shape), sample.device
-    (u, su), (c, sc), scale, cfg = _velocity_parts(velocity, shape)
-    check_guard(kind, sigma, sigma_guard)
-    sig = per_sample(sigma, batch, dev, "sigma")
-    nxt = per_sample(sigma_next, batch, dev, "sigma_next")
-    grd = per_sample(sigma_guard, batch, dev, "sigma_guard") if sigma_guard is not None else sig
     n = math.prod(shape[1:])
     block, iters, chunks = geometry(n)
+    specs.check_grid(batch, chunks, "sde_step")
+    (u, su), (c, sc), scale, cfg = _velocity_parts(velocity, shape)
+    check_guard(kind, sigma, sigma_guard)
     kind_id = KIND_IDS[kind]
-    x, sx = rows(sample)
+    x, sx = rows(as_float32(sample))
 
-    dummy = x
-    noise_mode, nz, snz, y, sy = NOISE_TENSOR, dummy, 0, dummy, 0
+    noise_mode, nz, snz, y, sy, prev = NOISE_TENSOR, None, 0, None, 0, None
     if prev_sample is not None:
         if tuple(prev_sample.shape) != shape:
             raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {shape}")
         noise_mode = NOISE_GIVEN_NEXT
-        y, sy = rows(prev_sample.detach())
+        prev = as_float32(prev_sample.detach())
+        y, sy = rows(prev)
     elif kind != "ode":
         if noise is None and seed is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=dev)
         if noise is not None:
             if tuple(noise.shape) != shape:
                 raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {shape}")
-            nz, snz = rows(noise)
+            nz, snz = rows(as_float32(noise))
         else:
             if offset is None:
                 raise ValueError("sde_step: Philox noise needs both seed and offset tensors")
@@ -131,38 +134,44 @@ def sde_step(sample: Tensor, velocity, sigma, sigma_next, *, noise_level: float,
                         or t.device != dev:
                     raise ValueError(f"sde_step: {name} must be a one-element int64 tensor on {dev}")
             noise_mode = NOISE_PHILOX
-    # Unused pointer slots get any tensor: the constexpr branches never read them.
-    seed_t, offset_t = (seed, offset) if noise_mode == NOISE_PHILOX else (x, x)
 
     write_out = noise_mode != NOISE_GIVEN_NEXT
+    if kind == "ode" and not write_out and not need_mean:  # nothing for a kernel to compute
+        return StepOutput(prev, None, None, torch.zeros(batch, dtype=torch.float32, device=dev))
     out = torch.empty(shape, dtype=torch.float32, device=dev) if write_out else None
     mean = torch.empty(shape, dtype=torch.float32, device=dev) if need_mean else None
     part = torch.empty((batch, chunks), dtype=torch.float32, device=dev)
+    # Unused pointer slots get a float32 buffer: the constexpr branches never read them.
+    sig = PerSample(sigma, batch, dev, "sigma", part)
+    nxt = PerSample(sigma_next, batch, dev, "sigma_next", part)
+    grd = PerSample(sigma_guard, batch, dev, "sigma_guard", part) if sigma_guard is not None else sig
     sin_a = math.sin(noise_level * math.pi / 2)
-    _sde_step_kernel[(chunks, batch)](
-        x, sx, u, su, c, sc, scale, nz, snz, y, sy, seed_t, offset_t,
-        out if out is not None else part, mean if mean is not None else part, part,
-        sig[0], sig[1], nxt[0], nxt[1], grd[0], grd[1], float(noise_level), sin_a, n, chunks,
-        KIND=kind_id, CFG=cfg, NOISE=noise_mode, WRITE_OUT=write_out, WRITE_MEAN=need_mean,
-        BLOCK=block, ITERS=iters, num_warps=NUM_WARPS)
-    if noise_mode == NOISE_PHILOX:
+    sigmas = sigma_args(sig, nxt, grd, float(noise_level), sin_a)
+    philox = noise_mode == NOISE_PHILOX
+    specs.SDE_STEP.launch(
+        _sde_step_kernel, (batch, chunks),
+        x_ptr=x, sx=sx, u_ptr=u, su=su, c_ptr=c, sc=sc, w=scale,
+        n_ptr=nz if nz is not None else part, sn_=snz, y_ptr=y if y is not None else part, sy=sy,
+        seed_ptr=seed if philox else part, off_ptr=offset if philox else part,
+        out_ptr=out if out is not None else part, mean_ptr=mean if mean is not None else part,
+        part_ptr=part, **sigmas, N=n, C=chunks,
+        KIND=kind_id, CFG=cfg, NOISE=noise_mode, WRITE_MEAN=need_mean)
+    if philox:
         offset.add_(batch * n)
-    prev = out if write_out else prev_sample.detach().to(torch.float32)
+    prev = out if write_out else prev
     std = torch.empty(batch, dtype=torch.float32, device=dev)
     if kind == "ode":
         std.zero_()
         return StepOutput(prev, None, mean, std)
     log_prob = torch.empty(batch, dtype=torch.float32, device=dev)
-    launch_finalize(part, None, log_prob, None, std, sig, nxt, grd, float(noise_level), sin_a, n,
-                    chunks, kind_id)
+    launch_finalize(part, None, log_prob, None, std, sigmas, n, chunks, kind_id)
     return StepOutput(prev, log_prob, mean, std)
 
 
 def _coef_tensors(kind, sigma, sigma_next, sigma_guard, noise_level, batch, ndim, device):
     """Per-sample (d mean/d x, d mean/d v, transition std) as float32 [B, 1, ...] for backward."""
     def col(value, name):
-        t, stride = per_sample(value, batch, device, name)
-        return (t.expand(batch) if stride == 0 else t).reshape(batch, *([1] * (ndim - 1)))
+        return PerSample(value, batch, device, name, None).column(batch, ndim, device)
 
     s, sn = col(sigma, "sigma"), col(sigma_next, "sigma_next")
     dt = sn - s

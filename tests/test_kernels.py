@@ -311,6 +311,272 @@ def test_grpo_step_loss_no_grad_to_samples_or_reference(device):
 
 
 # ------------------------------------------------------------------------------------------------
+# Real latent geometries
+# ------------------------------------------------------------------------------------------------
+
+# SD3.5 latents 16x64x64 (65,536 elements per sample, 16 reduction chunks), two samples with
+# per-sample sigma tensors, one at sigma == 1; FLUX.1 at 1024 px, packed latents 4096 x 64
+# (262,144 elements, 64 chunks), one sample with python-float sigmas (passed by value).
+REAL = {"sd35_16x64x64": (2, 16, 64, 64), "flux_4096x64": (1, 4096, 64)}
+
+
+def _real_sigmas(shape, device):
+    if shape[0] == 2:
+        s = torch.tensor([1.0, 0.55], device=device)
+        return s, s - torch.tensor([0.1, 0.15], device=device), 0.9
+    return 0.55, 0.45, None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+@pytest.mark.parametrize("geometry", list(REAL))
+def test_sde_step_real_sizes(device, cfg, kind, geometry):
+    gen = torch.Generator().manual_seed(7)
+    shp = REAL[geometry]
+    x = torch.randn(shp, generator=gen).to(device)
+    v = _velocity(shp, torch.bfloat16, device, cfg, gen=gen)
+    noise = torch.randn(shp, generator=gen).to(device)
+    s, s_next, guard = _real_sigmas(shp, device)
+    kw = dict(noise_level=0.7, kind=kind, noise=noise, sigma_guard=guard)
+    out = ops.sde_step(x, v, s, s_next, **kw)
+    ref = sde.sde_step(x, v, s, s_next, **kw)
+    torch.testing.assert_close(out.mean, ref.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.std, ref.std, rtol=1e-6, atol=0)
+    _rmse_close(out.log_prob, ref.log_prob, 1e-5, what="log_prob")
+    # The training kernel reproduces the rollout's log-prob bitwise at this size: ratio == 1.
+    old = out.log_prob
+    vg = GuidedVelocity(v.uncond.requires_grad_(), v.cond.requires_grad_(), v.scale) if cfg \
+        else v.requires_grad_()
+    _, stats = ops.grpo_step_loss(x, out.prev_sample, vg, s, s_next, old,
+                                  torch.ones(shp[0], device=device), noise_level=0.7,
+                                  clip_range=1e-4, kind=kind, sigma_guard=guard)
+    assert stats["ratio_min"].item() == 1.0 and stats["ratio_max"].item() == 1.0
+
+
+# CFG halves and a KL reference (every input the loss reads) at both sizes; the plain velocity
+# without KL at the SD3.5 size only (the FLUX-size loss is the slowest interpreter case).
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+@pytest.mark.parametrize("geometry,case", [("sd35_16x64x64", "cfg_kl"), ("sd35_16x64x64", "nocfg_nokl"),
+                                           ("flux_4096x64", "cfg_kl")])
+def test_grpo_step_loss_real_sizes(device, kind, geometry, case):
+    cfg = kl = case == "cfg_kl"
+    gen = torch.Generator().manual_seed(8)
+    shp = REAL[geometry]
+    x = torch.randn(shp, generator=gen).to(device)
+    s, s_next, guard = _real_sigmas(shp, device)
+    v = _velocity(shp, torch.bfloat16, device, cfg, gen=gen)
+    vr = _velocity(shp, torch.bfloat16, device, cfg, gen=gen) if kl else None
+    y = sde.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=guard).prev_sample
+    lp = sde.sde_step(x, v, s, s_next, noise_level=0.7, kind=kind, sigma_guard=guard, prev_sample=y).log_prob
+    old = lp + 0.02 * torch.randn(shp[0], generator=gen).to(device)
+    adv = torch.randn(shp[0], generator=gen).to(device)
+    kw = dict(noise_level=0.7, clip_range=0.04, beta=0.04 if kl else 0.0, velocity_ref=vr, kind=kind,
+              sigma_guard=guard)
+    loss, stats, grads = _run_loss(ops.grpo_step_loss, x, y, v, s, s_next, old, adv, kw)
+    loss_r, stats_r, grads_r = _run_loss(grpo.grpo_step_loss, x, y, v, s, s_next, old, adv, kw)
+    _rmse_close(loss, loss_r, 1e-5, atol=1e-6, what="loss")
+    for k in stats:
+        _rmse_close(stats[k], stats_r[k], 1e-5, atol=1e-6, what=k)
+    for g, gr in zip(grads, grads_r):
+        assert g.dtype == gr.dtype == torch.bfloat16
+        _rmse_close(g, gr, GRAD_RTOL["bf16"], atol=1e-9, what="velocity grad")
+
+
+# ------------------------------------------------------------------------------------------------
+# Launches: inside the table of specialisations, batch on grid axis 0, sigmas without copies
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Spec.launch the launchers make: (spec, grid, kwargs)."""
+    specs = importlib.import_module("fastflow.kernels.specs")
+    seen, launch = [], specs.Spec.launch
+
+    def record(self, fn, grid, **kwargs):
+        seen.append((self, grid, dict(kwargs)))
+        return launch(self, fn, grid, **kwargs)
+
+    monkeypatch.setattr(specs.Spec, "launch", record)
+    return seen
+
+
+def _key(spec, kwargs):
+    """(constexprs, pointer dtypes) of a recorded launch, as the table enumerates them."""
+    specs = importlib.import_module("fastflow.kernels.specs")
+    const = spec.pick(**{k: v for k, v in kwargs.items() if k in spec.constexprs})
+    dtypes = {n: specs.torch_dtype_name(kwargs[n].dtype) for n, kind in spec.args if kind == "ptr"}
+    return repr(sorted(const.items())), repr(sorted(dtypes.items()))
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_launches_stay_inside_the_compiled_table(device, launches):
+    """Whatever the callers pass (mixed dtypes included), every launch is a specialisation the
+    compile check enumerates, with the batch on grid axis 0 and a sample's chunks on axis 1."""
+    gen = torch.Generator().manual_seed(9)
+    shp = (3, 3, 37, 41)  # three samples of two chunks
+    n = 3 * 37 * 41
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+    def t(dtype="f32"):
+        return torch.randn(shp, generator=gen).to(device=device, dtype=dt[dtype])
+
+    s = torch.tensor([1.0, 0.6, 0.3], device=device)
+    seed = torch.tensor([3], dtype=torch.int64, device=device)
+    for kind in ("sde", "cps", "ode"):
+        for x_dt, u_dt, c_dt in (("f32", "bf16", "bf16"), ("f16", "bf16", "f16")):
+            for v in (GuidedVelocity(t(u_dt), t(c_dt), 4.5), t(u_dt)):
+                x = t(x_dt)
+                for need_mean in (True, False):
+                    kw = dict(noise_level=0.7, kind=kind, sigma_guard=0.9, need_mean=need_mean)
+                    out = ops.sde_step(x, v, s, s - 0.1, noise=t("bf16"), **kw)
+                    ops.sde_step(x, v, s, s - 0.1, prev_sample=out.prev_sample.to(torch.float16), **kw)
+                    if kind != "ode":
+                        ops.sde_step_philox(x, v, s, s - 0.1, seed=seed,
+                                            offset=torch.zeros(1, dtype=torch.int64, device=device), **kw)
+    for kind in ("sde", "cps"):
+        for v_dt, r_dt in (("bf16", "f16"), ("f32", "bf16")):
+            for cfg in (True, False):
+                for ref in (GuidedVelocity(t(r_dt), t(r_dt), 3.0), t(r_dt), None):
+                    y = sde.sde_step(t(), t(), s, s - 0.1, noise_level=0.7, kind=kind,
+                                     sigma_guard=0.9).prev_sample
+                    v = GuidedVelocity(t(v_dt), t(v_dt), 4.5) if cfg else t(v_dt)
+                    parts = [p.requires_grad_() for p in _parts(v)]
+                    loss, _ = ops.grpo_step_loss(t(), y, v, s, s - 0.1, torch.zeros(3, device=device),
+                                                 torch.ones(3, device=device), noise_level=0.7,
+                                                 clip_range=0.1, beta=0.04 if ref is not None else 0.0,
+                                                 velocity_ref=ref, kind=kind, sigma_guard=0.9)
+                    loss.backward()
+                    assert all(p.grad.dtype == p.dtype for p in parts)
+    enumerated = {}
+    for spec, _, _ in launches:
+        if spec.name not in enumerated:
+            enumerated[spec.name] = {(repr(sorted(c.items())), repr(sorted(d.items())))
+                                     for c, d, variant in spec.specialisations() if variant == "aligned"}
+    assert {spec.name for spec, _, _ in launches} == {"_sde_step_kernel", "finalize_kernel",
+                                                       "_fwd_kernel", "_bwd_kernel", "_loss_kernel"}
+    for spec, grid, kwargs in launches:
+        assert _key(spec, kwargs) in enumerated[spec.name], (spec.name, _key(spec, kwargs))
+        if spec.name == "_loss_kernel":
+            assert grid == (1,)
+        elif spec.name == "finalize_kernel":
+            assert grid == (3,)
+        else:
+            assert grid == (3, -(-n // 4096)) == (3, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sigmas_reach_the_kernel_without_copies(device, launches):
+    """float32 device tensors are passed as they are; python floats (and one-element tensors held
+    elsewhere) by value, with no device tensor made for them; every form gives the same bits."""
+    gen = torch.Generator().manual_seed(10)
+    shp = (2, 4, 9)
+    x, v, noise = (torch.randn(shp, generator=gen).to(device) for _ in range(3))
+    s_dev = torch.tensor([0.55, 0.55], device=device)
+    forms = {"float": 0.55, "0-d": torch.tensor(0.55, device=device),
+             "expanded": torch.tensor(0.55, device=device).expand(2), "per_sample": s_dev,
+             "host_0d": torch.tensor(0.55)}  # on the host: by value for a CUDA launch
+    by_value = {"float"} | ({"host_0d"} if device == "cuda" else set())
+    outs = {}
+    for name, sigma in forms.items():
+        launches.clear()
+        outs[name] = ops.sde_step(x, v, sigma, 0.4, noise_level=0.7, noise=noise, sigma_guard=0.9)
+        (_, _, step), (_, _, fin) = launches
+        for kw in (step, fin):
+            if name in by_value:
+                assert kw["sig_s"] == -1 and kw["sig_v"] == pytest.approx(0.55, abs=1e-7)
+                assert kw["sig_ptr"] is kw["part_ptr" if "part_ptr" in kw else "part_lp_ptr"]
+            else:
+                assert kw["sig_ptr"].data_ptr() == sigma.data_ptr()  # no copy
+                assert kw["sig_s"] == (1 if name == "per_sample" else 0)
+            assert kw["nxt_s"] == -1 and kw["nxt_v"] == 0.4 and kw["grd_v"] == 0.9
+    for name, out in outs.items():
+        assert torch.equal(out.prev_sample, outs["float"].prev_sample), name
+        assert torch.equal(out.log_prob, outs["float"].log_prob), name
+        assert torch.equal(out.std, outs["float"].std), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRETED, reason="needs CUDA")
+def test_device_sigmas_do_not_sync():
+    """With sigma_guard given, a step with device sigmas makes no host-device synchronisation."""
+    x, v, noise = (torch.randn(4, 16, 8, 8, device="cuda") for _ in range(3))
+    s = torch.full((4,), 0.8, device="cuda")
+    ops.sde_step(x, v, s, s - 0.1, noise_level=0.7, noise=noise, sigma_guard=0.9)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.sde_step(x, v, s, s - 0.1, noise_level=0.7, noise=noise, sigma_guard=0.9, need_mean=False)
+        ops.sde_step(x, v, 0.8, 0.7, noise_level=0.7, noise=noise, sigma_guard=0.9, need_mean=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_and_sample_size_limits(device):
+    """One clear error above CUDA's grid limits (batch on axis 0, chunks on axis 1), before anything
+    is allocated: the over-limit inputs here are broadcast views of one element."""
+    specs = importlib.import_module("fastflow.kernels.specs")
+    one = torch.zeros(1, 1, device=device)
+    big_batch = one.expand(specs.MAX_BATCH + 1, 1)
+    with pytest.raises(ValueError, match="sde_step: batch 2147483648 exceeds the kernels' limit"):
+        ops.sde_step(big_batch, big_batch, 0.5, 0.4, noise_level=0.7)
+    lp = torch.zeros(1, device=device).expand(specs.MAX_BATCH + 1)
+    with pytest.raises(ValueError, match="grpo_step_loss: batch 2147483648 exceeds"):
+        ops.grpo_step_loss(big_batch, big_batch, big_batch, 0.5, 0.4, lp, lp, noise_level=0.7,
+                           clip_range=1e-4)
+    big_sample = one.expand(1, specs.MAX_ELEMENTS + 1)
+    with pytest.raises(ValueError, match="elements per sample exceed the kernels' limit"):
+        ops.sde_step(big_sample, big_sample, 0.5, 0.4, noise_level=0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_kernel_loops_over_a_large_batch(device):
+    """The one-program loss kernel reads the batch 64 samples at a time: 130 samples (three
+    loop iterations, the last partial) match the reference."""
+    gen = torch.Generator().manual_seed(11)
+    shp = (130, 2, 3)
+    x = torch.randn(shp, generator=gen).to(device)
+    v = torch.randn(shp, generator=gen).to(device)
+    s = torch.rand(130, generator=gen).to(device) * 0.8 + 0.1
+    y = sde.sde_step(x, v, s, s - 0.05, noise_level=0.7).prev_sample
+    lp = sde.sde_step(x, v, s, s - 0.05, noise_level=0.7, prev_sample=y).log_prob
+    old = lp + 0.05 * torch.randn(130, generator=gen).to(device)
+    adv = torch.randn(130, generator=gen).to(device)
+    kw = dict(noise_level=0.7, clip_range=0.04)
+    loss, stats, grads = _run_loss(ops.grpo_step_loss, x, y, v, s, s - 0.05, old, adv, kw)
+    loss_r, stats_r, grads_r = _run_loss(grpo.grpo_step_loss, x, y, v, s, s - 0.05, old, adv, kw)
+    _rmse_close(loss, loss_r, 1e-5, atol=1e-6, what="loss")
+    for k in stats:
+        _rmse_close(stats[k], stats_r[k], 1e-5, atol=1e-6, what=k)
+    assert 0 < stats["clipfrac"].item() < 1
+    _rmse_close(grads[0], grads_r[0], 1e-5, atol=1e-9, what="velocity grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRETED, reason="needs CUDA")
+def test_batch_beyond_65535_runs_on_gpu():
+    """Grid axis 1 stops at 65,535 programs: a larger batch runs because it is on axis 0."""
+    batch = 65_537
+    x, v, noise = (torch.randn(batch, 4, device="cuda") for _ in range(3))
+    out = ops.sde_step(x, v, 0.5, 0.4, noise_level=0.7, noise=noise)
+    ref = sde.sde_step(x, v, 0.5, 0.4, noise_level=0.7, noise=noise)
+    torch.testing.assert_close(out.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    _rmse_close(out.log_prob, ref.log_prob, 1e-5, what="log_prob")
+    vg = v.clone().requires_grad_()
+    loss, stats = ops.grpo_step_loss(x, out.prev_sample, vg, 0.5, 0.4, out.log_prob,
+                                     torch.ones(batch, device="cuda"), noise_level=0.7, clip_range=0.1)
+    loss.backward()
+    assert stats["ratio_min"].item() == 1.0 == stats["ratio_max"].item()
+    assert torch.isfinite(vg.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------
 # Dispatch and errors
 # ------------------------------------------------------------------------------------------------
 
