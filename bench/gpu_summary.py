@@ -52,6 +52,15 @@ def rows_in_log(log: Path) -> str:
     return found[-1] if found else ""
 
 
+def budget_skips(log: Path) -> str:
+    """How many cases a bench skipped on its --time-budget ('# time budget: ...: skipped N case(s)'),
+    '' when none: a part that stopped on its budget is "ok" with fewer rows."""
+    if not log.is_file():
+        return ""
+    found = re.findall(r"^# time budget: .*skipped (\d+) case\(s\)", log.read_text(errors="replace"), flags=re.M)
+    return f"{found[-1]} skipped (budget)" if found else ""
+
+
 def pytest_section(xml: Path) -> list[str]:
     if not xml.is_file():
         return ["No JUnit report (the part did not run or was stopped before pytest wrote it)."]
@@ -175,6 +184,8 @@ def summarize(out: Path) -> str:
              "## Parts", "", "| part | status | wall s | limit s | rows | log |", "|---|---|---|---|---|---|"]
     for name, status, rc, wall, limit, log, *_ in (r + [""] * 6 for r in read_tsv(out / "parts.tsv")):
         shown = status if status != "failed" else f"failed (exit {rc})"
+        skips = budget_skips(out / log) if log else ""
+        shown = f"{shown}, {skips}" if skips else shown
         lines.append(f"| {name} | {shown} | {wall} | {limit} | {rows_in_log(out / log) if log else ''} | {log} |")
     lines += ["", "## pytest -m gpu", "", *pytest_section(out / "pytest_gpu.xml"),
               "", "## Fused kernels (bench/kernels.py)", "", *kernels_section(read_rows(out, "kernels")),

@@ -181,7 +181,9 @@ def test_check_wheels_fails_when_a_module_does_not_come_from_the_target(tmp_path
 
 def test_summary_reads_cut_off_rows_and_junit_failures(tmp_path):
     (tmp_path / "parts.tsv").write_text("pytest_gpu\tfailed\t1\t12.5\t150\tpytest_gpu.log\n"
-                                        "sampler_sd35_b24\ttimed out\t124\t75.0\t75\tsampler_sd35_b24.log\n")
+                                        "sampler_sd35_b24\ttimed out\t124\t75.0\t75\tsampler_sd35_b24.log\n"
+                                        "kernels_sd35\tok\t0\t40.0\t45\tkernels_sd35.log\n")
+    (tmp_path / "kernels_sd35.log").write_text("# time budget: 40 s: skipped 3 case(s): a, b, c\n")
     (tmp_path / "suite.tsv").write_text("mode\tgpu\nbudget_s\t450\nelapsed_s\t90\ncommit\tabc123\n")
     (tmp_path / "pytest_gpu.log").write_text("...\n")
     (tmp_path / "pytest_gpu.xml").write_text(
@@ -203,3 +205,4 @@ def test_summary_reads_cut_off_rows_and_junit_failures(tmp_path):
     assert "| sd3.5-medium | 24 | - | 9.50 | 2.61 | 101.0 | 52.0% | 40.2 | graph |" in text
     assert "| pytest_gpu | failed (exit 1) | 12.5 | 150 |" in text and "| sampler_sd35_b24 | timed out |" in text
     assert "commit abc123" in text
+    assert "| kernels_sd35 | ok, 3 skipped (budget) |" in text  # a part cut short by its budget says so
