@@ -894,6 +894,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     for key, dev in devices.items():
         need(isinstance(dev, str) and re.fullmatch(r"|cpu|cuda(:\d+)?", dev) is not None,
              f"{key} must be \"\" (the rank's device), cpu, cuda or cuda:N; got {_show(dev)}")
+        need(world_size == 1 or not dev.startswith("cuda:"),
+             f"{key} = {dev} would put every rank's reward on that one GPU at {world_size} ranks; use \"\" "
+             f"(each rank's own GPU) or serve the reward (remote)")
     for name in options:
         if name not in weights:
             hint = _suggest(name, list(weights))

@@ -175,7 +175,7 @@ class _Program:
             self.rec_log_probs[i].copy_(out.log_prob)
         self.x.copy_(out.prev_sample)
 
-    def capture(self, step_kinds: list[str], warmup: int = 2) -> int:
+    def capture(self, step_kinds: list[str], warmup: int = 2, stream=None) -> int:
         """Capture the step graphs ``step_kinds`` needs and the program lacks (each warmed up on
         a side stream first: compiles kernels, sizes workspaces); returns how many were new.
         Warm-ups overwrite the static buffers: load the inputs afterwards."""
@@ -184,7 +184,7 @@ class _Program:
             return 0
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device=self.device)
+        stream = stream if stream is not None else torch.cuda.Stream(device=self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):
@@ -222,7 +222,7 @@ class _Program:
             latents=latents, next_latents=nxt, log_probs=log_probs, sigmas=self.sig_dev[idx],
             sigmas_next=self.sig_dev[idx + 1], step_indices=idx, sigma_guard=self.guard,
             final=self.x.clone(),
-            prompt_ids=prompt_ids if prompt_ids is not None else torch.arange(self.batch),
+            prompt_ids=(prompt_ids if prompt_ids is not None else torch.arange(self.batch)).to(self.device),
             cond=dict(cond))
 
 
@@ -274,6 +274,18 @@ class GraphedSampler:
         self._logged: set[str] = set()
         self._param_ptrs: dict[str, int] | None = None
         self._compiled: _CompiledVelocity | None = None
+        self._stream = None
+
+    def drop(self, kind: str | None = None) -> int:
+        """Forget the captured programs (of ``kind`` only, e.g. "ode" for evaluation), releasing
+        their graphs and memory pools: the trainer drops the evaluation's after each evaluation,
+        so its larger batch does not keep memory reserved while training. Returns how many."""
+        keys = [k for k, p in self.programs.items() if kind is None or p.kind == kind]
+        for k in keys:
+            del self.programs[k]
+        if keys and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return len(keys)
 
     # -- decisions ---------------------------------------------------------------------------
     def _fallback_reason(self, device: torch.device) -> str | None:
@@ -385,7 +397,9 @@ class GraphedSampler:
         step_kinds = program.step_kinds(window)
         if self.mode == "graph":
             try:  # before any noise is drawn: a failure leaves sample() the same noise
-                self.captures += program.capture(step_kinds, self.warmup)
+                if self._stream is None:  # one warm-up stream (each new one costs a workspace)
+                    self._stream = torch.cuda.Stream(device=device)
+                self.captures += program.capture(step_kinds, self.warmup, self._stream)
             except Exception as e:  # noqa: BLE001 - any capture failure means eager
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 self.failed[key] = f"capture failed: {type(e).__name__}: {msg}"

@@ -166,7 +166,12 @@ def apply_fsdp(root: nn.Module, blocks: list[nn.Module], *, param_dtype: torch.d
 
     kw = {}
     if param_dtype is not None and param_dtype != torch.float32:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        # cast_forward_inputs off: FSDP2 would round every floating input of the root to bf16,
+        # the float32 timestep included (SD3's t = 1000 sigma in steps of 4 near 1000), so a sharded
+        # run would train at other times than one GPU or the stock pipeline; the policies cast
+        # latents and embeddings to the compute dtype themselves.
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     if mesh is not None:

@@ -134,7 +134,8 @@ class Trajectory:
         """The samples at ``index`` (a LongTensor over the batch)."""
         return Trajectory(self.latents[index], self.next_latents[index], self.log_probs[index],
                           self.sigmas, self.sigmas_next, self.step_indices, self.sigma_guard,
-                          self.final[index], self.prompt_ids[index], index_cond(self.cond, index))
+                          self.final[index], self.prompt_ids[index.to(self.prompt_ids.device)],
+                          index_cond(self.cond, index))
 
     @staticmethod
     def cat(trajs: Sequence["Trajectory"]) -> "Trajectory":
@@ -245,8 +246,8 @@ def sample(
         next_latents=torch.stack(xs_next, 1) if xs else x.new_zeros(shape),
         log_probs=torch.stack(lps, 1) if lps else x.new_zeros(batch, 0),
         sigmas=sigmas[idx], sigmas_next=sigmas[idx + 1], step_indices=idx, sigma_guard=guard,
-        final=x,
-        prompt_ids=prompt_ids if prompt_ids is not None else torch.arange(batch),
+        final=x,  # prompt ids on the latents' device: selecting micro-batches there never syncs
+        prompt_ids=(prompt_ids if prompt_ids is not None else torch.arange(batch)).to(x.device),
         cond=dict(cond),
     )
 

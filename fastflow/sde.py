@@ -98,6 +98,8 @@ def _math_dtype(x: Tensor) -> torch.dtype:
 
 def _per_sample(value: Scalar, batch: int, ndim: int, dtype: torch.dtype, device) -> Tensor:
     """A python float or a tensor broadcastable to [B] -> tensor [B, 1, ..., 1] for broadcasting."""
+    if not isinstance(value, Tensor):  # filled on the device: no host-to-device copy (and sync)
+        return torch.full((batch, *([1] * (ndim - 1))), float(value), dtype=dtype, device=device)
     t = torch.as_tensor(value, dtype=dtype, device=device)
     if t.ndim > 1:
         t = t.reshape(-1)

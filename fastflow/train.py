@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import logging
 import math
@@ -148,7 +149,8 @@ class Trainer:
         if self._resume_from is not None:
             self._resume(self._resume_from)
         elif resume == "auto" and info.is_main:
-            print(f"fastflow: no checkpoint in {self.run_dir}; starting fresh", file=sys.stderr)
+            print(f"fastflow: --resume: no checkpoint under {cfg.run.output_dir}/{cfg.run.name}[-N]; "
+                  f"starting fresh in {self.run_dir}", file=sys.stderr)
 
     # ------------------------------------------------------------------ set-up helpers
     def _fresh_run_dir(self) -> Path:
@@ -356,12 +358,13 @@ class Trainer:
         stats = StepStats(self.device)  # device-side sums: one host transfer per iteration
         params = list(self.params.values())
         steps_before = self.optimizer_steps
+        adv_dev = adv.to(traj.latents.device)  # once: no host-to-device copy per micro-batch
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(traj.batch_size, generator=generator(cfg.run.seed, it, _SHUFFLE, self.info.rank, epoch))
-            batches = list(perm.split(d.train_batch_size))
+            batches = list(perm.to(traj.latents.device).split(d.train_batch_size))
             for b_i, idx in enumerate(batches):
-                sub = traj.select(idx.to(traj.latents.device))
-                a = adv[idx].to(self.device)
+                sub = traj.select(idx)
+                a = adv_dev[idx]
                 on_policy = self.optimizer_steps == steps_before  # no update yet: ratio must be 1
                 for j in range(k_train):
                     v = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale, autocast=self.forward)
@@ -437,8 +440,13 @@ class Trainer:
         """ODE sampling at the full step count on the held-out prompts x seeds, with EMA weights."""
         cfg = self.cfg
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        pairs = [(i, seed) for i, n in enumerate(self.eval_seed_counts) for seed in range(n)]
-        pairs = pairs[self.info.rank::self.info.world_size]
+        every = [(i, seed) for i, n in enumerate(self.eval_seed_counts) for seed in range(n)]
+        pairs = every[self.info.rank::self.info.world_size]
+        # Every rank samples the same number of batches, at least one, whatever the count of
+        # (prompt, seed) pairs: under FSDP2 a rank that sampled less would leave the others
+        # waiting in a forward's all-gather. The padding repeats a pair and is not counted.
+        real = len(pairs)
+        pairs = pairs + [every[0]] * (-(-len(every) // self.info.world_size) - real)
         per_image: dict[str, list[float]] = {}
         cats: list[str] = []
         images_keep = []
@@ -457,18 +465,20 @@ class Trainer:
                               guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
                               kind="ode", seeds=seeds, autocast=self.forward, device=self.device)
                 images = self.policy.decode(traj.final).float().cpu()
-                if len(images_keep) < 64:
-                    images_keep.append(images[: 64 - len(images_keep)])
+                n = max(0, min(len(chunk), real - start))  # images past n are padding: weight 0
+                if n and len(images_keep) < 64:
+                    images_keep.append(images[: min(n, 64 - len(images_keep))])
+                # scored all the same, so that a rank with only padding knows the metric names
                 metrics = eval_metrics(self.policy, self.reward, images, texts, metas)
                 for k, v in metrics.items():
                     per_image.setdefault(k, []).extend(float(x) for x in v)
                 batch_cats = [prompt_category(self.policy, p) for p in prompts]
                 ok = metrics.get("accuracy")
-                for b, cat in enumerate(batch_cats):
+                for b, cat in enumerate(batch_cats[:n]):
                     if len(by_cat.setdefault(cat, [])) < GRID_PER_CATEGORY:
                         by_cat[cat].append((images[b], None if ok is None else float(ok[b])))
                 cats += batch_cats
-                for (i, sd), img in zip(chunk, images):
+                for (i, sd), img in zip(chunk[:n], images[:n]):
                     if sd < cfg.eval.seeds:  # the extra seeds of small categories would outweigh the rest
                         diversity.add(i, img)
         # Sums and counts per (category, metric), reduced over ranks: every rank knows every
@@ -478,12 +488,14 @@ class Trainer:
         # over images when every prompt has eval.seeds) even when small categories get more seeds;
         # within a category every prompt has the same count, so its mean is the plain image mean.
         keys = sorted(per_image)
-        weights = [1.0 / self.eval_seed_counts[i] for i, _ in pairs]
+        weights = [1.0 / self.eval_seed_counts[i] if j < real else 0.0 for j, (i, _) in enumerate(pairs)]
         sums = torch.zeros(len(all_cats) + 1, len(keys), 2, dtype=torch.float64)
         for ki, k in enumerate(keys):
             for cat, val, w in zip(cats, per_image[k], weights):
                 for row in (all_cats.index(cat), len(all_cats)):
                     sums[row, ki] += torch.tensor([val * w, w], dtype=torch.float64)
+        if isinstance(self._sample, GraphedSampler):  # the eval batch's graphs: not kept while training
+            self._sample.drop(kind="ode")
         all_reduce_sum_(sums, self.info)
         div = diversity.totals()
         all_reduce_sum_(div, self.info)
@@ -640,10 +652,8 @@ class StepStats:
         values = {"loss": loss.detach(), **stats}
         for k, v in values.items():
             v = v.detach().to(self.device, torch.float64)
-            if k in self._EXTREMES:
-                fill = torch.tensor(float("inf") if k == "ratio_min" else float("-inf"), dtype=torch.float64,
-                                    device=self.device)
-                v = torch.where(ok, v, fill)
+            if k in self._EXTREMES:  # (a python fill: no tensor made from the host per step)
+                v = torch.where(ok, v, float("inf") if k == "ratio_min" else float("-inf"))
                 prev = self.extremes.get(k)
                 self.extremes[k] = v if prev is None else (torch.minimum(prev, v) if k == "ratio_min"
                                                            else torch.maximum(prev, v))
@@ -701,19 +711,26 @@ def _placed_like(p: Tensor, value: Tensor) -> Tensor:
 def resolve_resume(resume: str | None, cfg) -> tuple[Path | None, Path | None]:
     """(run directory, checkpoint) that ``--resume`` names; (None, None) without it.
 
-    ``auto`` (a bare --resume): the config's run directory (output_dir/name) and its latest
-    complete checkpoint, or none (the run starts fresh there). A path: a checkpoint folder
+    ``auto`` (a bare --resume): of the config's run directory (output_dir/name) and its ``-N``
+    siblings, the one whose latest complete checkpoint is the newest, and that checkpoint; (None,
+    None) when none has one (the run starts fresh, in a new directory if the name is taken). A path: a checkpoint folder
     (``<run>/checkpoints/iter-N``, holding state.json) or a run directory (its latest complete
     checkpoint). Anything else raises ConfigError in one line: checked before anything loads.
     """
     if resume is None:
         return None, None
     if resume == "auto":
+        # The config's run directory or one of its "-N" siblings (a run started while the name
+        # held an earlier run writes to name-N): the one whose latest checkpoint is the newest.
         base = Path(cfg.run.output_dir) / cfg.run.name
-        latest = latest_checkpoint(base)
-        if latest is not None:
-            _check(latest, f"(bare: {base})")
-        return base, latest
+        runs = [base] + [p for p in base.parent.glob(f"{glob.escape(base.name)}-*")
+                         if p.name[len(base.name) + 1:].isdigit()]
+        found = [(c, r) for r in runs if (c := latest_checkpoint(r)) is not None]
+        if not found:
+            return None, None  # nothing to continue: a fresh run (never on top of an old one)
+        latest, run = max(found, key=lambda cr: (cr[0] / "state.json").stat().st_mtime)
+        _check(latest, f"(bare: {run})")
+        return run.resolve(), latest.resolve()
     p = Path(resume).expanduser()
     if not p.exists():
         raise ConfigError(f"--resume {resume}: no such run directory or checkpoint")
@@ -930,6 +947,11 @@ def main(argv: list[str] | None = None) -> int:
             pick_device(args.config.run.device)
         except RuntimeError as e:  # run.device cuda without one
             raise ConfigError(f"config: {e}") from None
+        reward_devices = [args.config.reward.device] + [o.get("device") or "" for o in
+                                                       args.config.reward.options.values() if isinstance(o, dict)]
+        if any(d.startswith("cuda") for d in reward_devices) and not torch.cuda.is_available():
+            raise ConfigError("config: reward.device (or a reward's device option) asks for cuda, but no "
+                              "CUDA device is available")
         resolve_resume(args.resume, args.config)  # a --resume that names nothing: one line, now
         check_served_rewards(args.config.reward.weights, args.config.reward.options)  # servers up?
         check_cuda_graph_request(args.config, world_size_from_env())

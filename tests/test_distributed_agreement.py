@@ -58,3 +58,18 @@ def test_fsdp_full_finetune_reference_is_built_shard_by_shard(tmp_path):
         torch.testing.assert_close(dumps[0][f"ref.{n}"], v.to(torch.bfloat16).float(), rtol=0, atol=0)
         # the master weights start as the weights loaded in model.dtype, exactly (bf16 -> fp32)
         torch.testing.assert_close(dumps[0][f"w.transformer.{n}"], v.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_an_evaluation_with_fewer_images_than_ranks_does_not_hang(tmp_path):
+    """One (prompt, seed) pair at 2 ranks: under FSDP2 rank 1 would sample nothing and leave rank 0
+    waiting in its first forward's all-gather (and the ranks' metric tables would differ in
+    shape). Every rank samples the same number of batches; the padding is not counted."""
+    args = toy_args(tmp_path / "run", "--distributed.strategy", "fsdp", "--eval.every", "2",
+                    "--eval.max_prompts", "1", "--eval.seeds", "1", "--run.iterations", "2")
+    dumps = launch("train", tmp_path / "dump", args)
+    assert int(dumps[0]["iteration"]) == int(dumps[1]["iteration"]) == 2
+    import json
+
+    rows = [json.loads(l) for l in (tmp_path / "run" / "toy" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/overall/reward" in r]
+    assert evals and all(r["eval/overall/reward"] < 0 for r in evals)  # one image's score, not 0 (padding counted as nothing)

@@ -160,6 +160,17 @@ def test_one_static_program_serves_every_window(monkeypatch):
     assert len(sampler.programs) == 1
 
 
+def test_drop_forgets_the_programs_of_one_kind(monkeypatch):
+    monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
+    policy = ToyPolicy()
+    sampler = GraphedSampler(policy, mode="static")
+    cond = _cond(policy, 2)
+    sampler(cond, seeds=torch.tensor([1, 2]), **KW)
+    sampler(cond, seeds=torch.tensor([1, 2]), **dict(KW, kind="ode", num_steps=8))
+    assert sampler.drop(kind="ode") == 1
+    assert [p.kind for p in sampler.programs.values()] == ["sde"]
+
+
 def test_sharded_policies_and_required_graphs_are_decided_before_capture(monkeypatch, caplog):
     monkeypatch.setenv("FASTFLOW_KERNELS", "torch")
     policy = ToyPolicy()

@@ -168,6 +168,25 @@ def test_prompt_cache_rows_own_their_bytes():
     assert small.nbytes <= 10 * row and len(small._rows) == 10
 
 
+def test_warm_keeps_a_prompt_list_without_a_disk_store():
+    """data.prompt_cache = "off": the lists are encoded in batches into host rows kept for the run,
+    outside the LRU budget (nothing is stacked whole, nothing re-encoded later)."""
+    calls = []
+
+    def encode(ps):
+        calls.append(len(ps))
+        return {"e": torch.randn(len(ps), 10, 8)}
+
+    row = 10 * 8 * 4
+    cache = PromptCache(encode, chunk=8, max_bytes=5 * row)
+    texts = [f"prompt {i}" for i in range(40)]
+    cache.warm(texts)
+    assert calls == [8] * 5 and cache.nbytes == 40 * row
+    cache(texts[::-1])
+    cache(["another"])  # an outside prompt goes to the LRU, the kept rows stay
+    assert calls == [8] * 5 + [1] and cache.nbytes == 41 * row
+
+
 def test_store_equals_the_uncached_encoder_and_is_reused(tmp_path, pipes):
     from fastflow.models import build_policy
     from tests.tiny_pipelines import tiny_cfg
@@ -199,29 +218,41 @@ def test_store_equals_the_uncached_encoder_and_is_reused(tmp_path, pipes):
     assert torch.equal(out["prompt_embeds"][0], policy._encode(["a yellow bird"])["prompt_embeds"][0])
 
 
-def test_store_parts_of_several_ranks_merge(tmp_path, monkeypatch):
-    """Each rank encodes its slice; the manifest maps every prompt to its part and row."""
-    import threading
+def _store_ranks(tmp_path, *mode):
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import fastflow.distributed as dist_mod
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "tests" / "store_worker.py"), str(tmp_path / "cache"), str(tmp_path / "out"), *mode]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    return [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    wall = threading.Barrier(2, timeout=30)  # two "ranks" as threads, meeting where ranks would
-    monkeypatch.setattr(dist_mod, "barrier", lambda info: wall.wait())
-    texts = [f"p{i}" for i in range(7)]
-    encode = lambda ps: {"e": torch.tensor([[float(p[1:])] * 3 for p in ps])}  # noqa: E731
-    stores = {}
 
-    def rank(r):
-        stores[r] = EmbeddingStore.build(tmp_path, "k", texts, encode, DistInfo(r, 2, r, torch.device("cpu")))
+@pytest.mark.timeout(300)
+def test_store_parts_of_several_ranks_merge_and_a_second_run_reuses_them(tmp_path):
+    """Two ranks each encode their slice (11 prompts: 6 and 5, in part files of 3 prompts); the
+    manifest maps every prompt to its part and row; a second build encodes nothing."""
+    first = _store_ranks(tmp_path)
+    assert [r["encoded"] for r in first] == [6, 5]
+    for r in first:
+        assert r["rows"] == [10.0, 3.0, 0.0] and r["parts"] == 4
+    again = _store_ranks(tmp_path)
+    assert [r["encoded"] for r in again] == [0, 0] and again[0]["rows"] == [10.0, 3.0, 0.0]
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    [th.start() for th in threads]
-    [th.join() for th in threads]
-    assert set(stores) == {0, 1}
-    store = EmbeddingStore(tmp_path / "k")
-    assert len(store.parts) == 2
-    rows = store.rows(["p6", "p1", "p4"])["e"]
-    assert rows[:, 0].tolist() == [6.0, 1.0, 4.0]
+
+@pytest.mark.timeout(300)
+def test_a_store_not_shared_by_the_ranks_stops_every_rank_with_one_line(tmp_path):
+    """A cache folder local to each rank (nodes with their own disks): rank 0 cannot see rank 1's
+    part. Every rank must stop with the same one-line reason, none may wait alone in a collective
+    (a hang would hit the launch timeout)."""
+    for _ in range(2):  # the first build, then again with rank 0's half-built folder present
+        ranks = _store_ranks(tmp_path, "per-rank")
+        assert all("error" in r and "data.prompt_cache" in r["error"] for r in ranks), ranks
+        assert all("\n" not in r["error"] for r in ranks)
 
 
 def test_trainer_encodes_its_prompt_lists_once(tmp_path, pipes, prompt_file):
@@ -253,6 +284,9 @@ def test_reward_devices_are_checked_before_anything_loads():
             validate(load_config(None, args))
     for dev in ("", "cpu", "cuda", "cuda:1"):
         validate(load_config(None, ["--reward.device", dev]))
+    with pytest.raises(ConfigError, match="every rank's reward on that one GPU"):
+        validate(load_config(None, ["--reward.device", "cuda:1", "--sample.batch_size", "12"]), 2)
+    validate(load_config(None, ["--reward.device", "cuda", "--sample.batch_size", "12"]), 2)
 
 
 def test_clip_scorers_run_in_bf16_on_cuda_and_fp32_on_cpu():
@@ -300,6 +334,33 @@ def test_resume_of_a_run_directory_continues_in_it(tmp_path):
     assert (run_dir / "config.before-iter-000002.toml").is_file()  # the earlier config is kept
     assert "iterations = 3" in (run_dir / "config.toml").read_text()
     assert not (run_dir.parent / f"{run_dir.name}-1").exists()
+
+
+def test_bare_resume_continues_the_newest_of_a_name_and_its_numbered_siblings(tmp_path):
+    """A run started while runs/NAME held an earlier run writes to runs/NAME-1; a bare --resume
+    must continue that one (the newest checkpoint), not the older run, and with no checkpoint at
+    all it starts fresh in a new directory instead of on top of the old run."""
+    import os
+    import time
+
+    from tests.test_train import toy_cfg
+
+    cfg, d = toy_cfg(tmp_path, "--run.iterations", "2", "--checkpoint.every", "1")
+    first = train_mod.Trainer(cfg, d, SOLO)
+    first.run()
+    second = train_mod.Trainer(cfg, d, SOLO)  # the name is taken: this one goes to toy-1
+    assert second.run_dir.name == "toy-1"
+    second.run()
+    old = first.run_dir / "checkpoints" / "iter-000002" / "state.json"
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # the earlier run's checkpoint is older
+    cfg3, d3 = toy_cfg(tmp_path, "--run.iterations", "3", "--checkpoint.every", "1")
+    resumed = train_mod.Trainer(cfg3, d3, SOLO, resume="auto")
+    assert resumed.run_dir == second.run_dir.resolve() and resumed.iteration == 2
+    empty, d4 = toy_cfg(tmp_path / "other", "--run.iterations", "1")
+    (tmp_path / "other" / "toy").mkdir(parents=True)
+    (tmp_path / "other" / "toy" / "metrics.jsonl").write_text("")  # an old run without checkpoints
+    fresh = train_mod.Trainer(empty, d4, SOLO, resume="auto")
+    assert fresh.run_dir.name == "toy-1" and fresh.iteration == 0
 
 
 def test_bad_resume_is_one_line_before_anything_loads(tmp_path, monkeypatch):
@@ -451,3 +512,34 @@ def test_offloading_the_text_encoders_frees_their_device_memory(tmp_path, pipes)
     cond = policy.encode_prompts(PROMPTS)  # from the store, onto the GPU
     assert cond["prompt_embeds"].device.type == "cuda"
     assert policy.encode_prompts(["a yellow bird"])["prompt_embeds"].device.type == "cuda"  # encoded on the host
+
+
+@pytest.mark.gpu
+def test_training_pass_syncs_with_the_host_per_optimizer_step_not_per_step_on_gpu(tmp_path):
+    """CUDA's sync debug mode counts every host synchronisation (device reads and copies from
+    pageable host memory alike): the count must not grow with the trained steps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import warnings
+
+    from tests.test_train import toy_cfg
+
+    info = DistInfo(0, 1, 0, torch.device("cuda", 0))
+    counts = {}
+    for steps in (2, 4):
+        cfg, d = toy_cfg(tmp_path / str(steps), "--sample.train_steps", str(steps), "--sample.eval_steps", "4",
+                         "--train.optimizer_steps", "2", "--sample.batch_size", "3", "--train.batch_size", "3",
+                         "--run.device", "cuda")
+        t = train_mod.Trainer(cfg, d, info)
+        rb = t.rollout(0)
+        adv, _ = t.advantages(rb)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                t.train_on(rb, adv, 0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert counts[2] == counts[4], counts

@@ -257,7 +257,7 @@ class TunedTransformerPolicy:
     def cache_prompts(self, texts, *, cache_dir=None, info=None, offload: bool = False,
                       progress: bool = False) -> None:
         """Encode ``texts`` (a run's fixed prompt lists) once into an on-disk EmbeddingStore under
-        ``cache_dir`` (None: in memory only, on this rank), each rank a slice, keyed by the
+        ``cache_dir`` (None: into host memory on every rank, kept for the run), each rank a slice, keyed by the
         pipeline, the text encoders' weights and the encoding settings; later encode_prompts calls
         read them from there. ``offload``: then move the text encoders to host memory (prompts not
         in the lists are still encoded, on the CPU). Collective when ``info`` spans ranks."""
@@ -265,7 +265,7 @@ class TunedTransformerPolicy:
 
         texts = list(dict.fromkeys(texts))
         if cache_dir is None:
-            self._cache(texts)  # kept in the in-memory rows
+            self._cache.warm(texts)  # host rows on this rank, kept for the run
         else:
             key = store_key(texts, pipeline=type(self.pipe).__name__,
                             path=str(getattr(getattr(self.pipe, "config", None), "_name_or_path", "")),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 Encode = Callable[[list[str]], dict[str, Tensor]]
+log = logging.getLogger("fastflow.prompt_cache")
 
 _MANIFEST = "manifest.json"
 
@@ -68,8 +70,9 @@ def store_key(texts: Sequence[str], **identity) -> str:
 
 
 class EmbeddingStore:
-    """Read-only embeddings of a fixed prompt list, in ``part-R.safetensors`` files (one per rank
-    that encoded a slice) plus ``manifest.json`` (every prompt's part and row, written last)."""
+    """Read-only embeddings of a fixed prompt list, in part files (each rank writes its slice's,
+    ``part_rows`` prompts a file) plus ``manifest.json`` (every prompt's part file and row,
+    written last: a folder without it is incomplete and is encoded again)."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -109,52 +112,129 @@ class EmbeddingStore:
 
     @classmethod
     def build(cls, root: Path, key: str, texts: Sequence[str], encode: Encode, info=None, *,
-              chunk: int = 32, progress: bool = False) -> "EmbeddingStore":
-        """Open ``root/key``, encoding it first if it is not complete: rank ``r`` of ``w`` encodes
-        the unique prompts ``r::w`` in batches of ``chunk`` and writes its part atomically; rank 0
-        writes the manifest once every part exists. Collective: every rank calls it (``info`` a
-        fastflow.distributed.DistInfo, None for one process); the folder must be on a file system
-        every rank sees (as checkpoints)."""
-        from safetensors.torch import save_file
+              chunk: int = 32, part_rows: int = 512, progress: bool = False) -> "EmbeddingStore":
+        """Open ``root/key``, encoding it first if any rank lacks it complete: rank ``r`` of ``w``
+        encodes the unique prompts ``r::w`` in batches of ``chunk``, writing a part file every
+        ``part_rows`` prompts (so it never holds more than one part in memory); rank 0 writes the
+        manifest once every part exists.
 
-        from fastflow.distributed import barrier
+        Collective when ``info`` spans ranks: every rank calls it, and every decision (build or
+        not, a failure anywhere, whether every rank can read the result) is agreed over the ranks,
+        so no rank waits alone in a collective. The folder must be on a file system every rank
+        sees (as checkpoints); otherwise every rank stops with one line saying so."""
+        from fastflow.distributed import barrier, broadcast_str
 
         rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+        if info is not None:
+            key = broadcast_str(key, info)  # one folder for all, whatever a rank computed
         directory = Path(root) / key
         texts = list(dict.fromkeys(texts))
-        if not (directory / _MANIFEST).is_file():
-            directory.mkdir(parents=True, exist_ok=True)
-            mine = texts[rank::world]
+        if _any_rank(not (directory / _MANIFEST).is_file(), info):
+            _collectively(lambda: cls._encode_slice(directory, texts, encode, rank, world, chunk,
+                                                    part_rows, progress and rank == 0),
+                          info, f"encoding prompts into {directory}")
+            barrier(info) if info is not None else None
+            _collectively(lambda: cls._write_manifest(directory, texts, world) if rank == 0 else None,
+                          info, f"writing {directory / _MANIFEST} (a folder every rank sees is needed: "
+                                f"data.prompt_cache)")
+        store = _collectively(lambda: cls(directory)._check(), info,
+                              f"reading the prompt store {directory} (is data.prompt_cache on a file system "
+                              f"every rank sees? else set it to one, or to \"off\")")
+        return store
+
+    def _check(self) -> "EmbeddingStore":
+        for f in self._open():
+            for k in self.keys:
+                f.get_slice(k)
+        return self
+
+    @staticmethod
+    def _encode_slice(directory: Path, texts: list[str], encode: Encode, rank: int, world: int,
+                      chunk: int, part_rows: int, progress: bool) -> None:
+        import shutil
+
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        mine = list(range(rank, len(texts), world))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(mine), desc="encoding prompts", unit="prompt", dynamic_ncols=True)
+        parts = []
+        for b, start in enumerate(range(0, len(mine), part_rows)):
+            rows = mine[start:start + part_rows]
             tensors: dict[str, list[Tensor]] = {}
-            bar = None
-            if progress and rank == 0:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(mine), desc="encoding prompts", unit="prompt", dynamic_ncols=True)
-            for i in range(0, len(mine), chunk):
-                out = encode(mine[i:i + chunk])
+            for i in range(0, len(rows), chunk):
+                out = encode([texts[j] for j in rows[i:i + chunk]])
                 for k, v in out.items():
                     tensors.setdefault(k, []).append(v.detach().to("cpu"))
                 if bar is not None:
-                    bar.update(len(mine[i:i + chunk]))
-            if bar is not None:
-                bar.close()
-            if mine:
-                part = directory / f"part-{rank:05d}-of-{world:05d}.safetensors"
-                tmp = part.with_name(f".tmp-{part.name}-{os.getpid()}")
-                save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
-                os.replace(tmp, part)
-            barrier(info) if info is not None else None
-            if rank == 0:
-                parts = [f"part-{r:05d}-of-{world:05d}.safetensors" for r in range(world) if texts[r::world]]
-                rows = [[t, parts.index(f"part-{i % world:05d}-of-{world:05d}.safetensors"), i // world]
-                        for i, t in enumerate(texts)]
-                keys = sorted(tensors) if tensors else []
-                manifest = {"keys": keys, "parts": parts, "rows": rows}
-                tmp = directory / f".tmp-{_MANIFEST}-{os.getpid()}"
-                tmp.write_text(json.dumps(manifest), encoding="utf-8")
-                os.replace(tmp, directory / _MANIFEST)
-            barrier(info) if info is not None else None
-        return cls(directory)
+                    bar.update(len(rows[i:i + chunk]))
+            block = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
+            if b == 0:  # the whole slice's size, known from the first part: refuse a full disk now
+                need = sum(t.nbytes for t in block.values()) * len(mine) / max(len(rows), 1)
+                free = shutil.disk_usage(directory).free
+                if need > free:
+                    raise OSError(f"{need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free")
+                if progress:
+                    log.info("prompt store: %d prompts, about %.1f GiB per rank, in %s", len(texts),
+                             need / 2**30, directory)
+            name = f"part-{rank:05d}-{b:05d}-of-{world:05d}.safetensors"
+            tmp = directory / f".tmp-{name}-{os.getpid()}"
+            save_file(block, str(tmp))
+            os.replace(tmp, directory / name)
+            parts.append([name, rows])
+        if bar is not None:
+            bar.close()
+        index = directory / f"part-{rank:05d}-of-{world:05d}.json"  # which rows each part holds
+        tmp = index.with_name(f".tmp-{index.name}-{os.getpid()}")
+        tmp.write_text(json.dumps(parts), encoding="utf-8")
+        os.replace(tmp, index)
+
+    @staticmethod
+    def _write_manifest(directory: Path, texts: list[str], world: int) -> None:
+        files, rows, keys = [], [], None
+        for r in range(world):
+            if not texts[r::world]:
+                continue
+            for name, members in json.loads((directory / f"part-{r:05d}-of-{world:05d}.json").read_text()):
+                if keys is None:
+                    from safetensors import safe_open
+                    with safe_open(str(directory / name), framework="pt") as f:
+                        keys = sorted(f.keys())
+                files.append(name)
+                rows += [[texts[j], len(files) - 1, row] for row, j in enumerate(members)]
+        if len(rows) != len(texts):
+            raise ValueError(f"the parts hold {len(rows)} of {len(texts)} prompts")
+        tmp = directory / f".tmp-{_MANIFEST}-{os.getpid()}"
+        tmp.write_text(json.dumps({"keys": keys or [], "parts": files, "rows": rows}), encoding="utf-8")
+        os.replace(tmp, directory / _MANIFEST)
+
+
+def _any_rank(flag: bool, info) -> bool:
+    """True on every rank when ``flag`` is true on any (one small all-reduce)."""
+    if info is None or not info.enabled:
+        return bool(flag)
+    from fastflow.distributed import all_reduce_sum_
+
+    t = torch.tensor([float(flag)])
+    all_reduce_sum_(t, info)
+    return bool(t[0] > 0)
+
+
+def _collectively(fn, info, what: str):
+    """Run ``fn`` on this rank; if it fails on any rank, every rank raises ValueError (one line
+    naming ``what`` and this rank's own error, if it had one) instead of some ranks going on into
+    a collective that the failed ones never reach."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - reported as one line on every rank below
+        err = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if _any_rank(err is not None, info):
+        raise ValueError(f"prompt cache: {what} failed: {err or 'on another rank'}")
+    return result
 
 
 class PromptCache:
@@ -171,16 +251,32 @@ class PromptCache:
         self._encode = encode
         self.device = torch.device(device) if device is not None else None
         self.store = store
+        self._kept: dict[str, dict[str, Tensor]] = {}  # warm(): never evicted
         self._rows: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
         self._held = 0  # bytes of the rows in _rows (each row owns its storage)
         self.max_bytes = int(max_bytes)
         self.chunk = chunk
 
+    def warm(self, prompts: Sequence[str]) -> None:
+        """Encode ``prompts`` (a fixed list, in batches of ``chunk``) into host rows that are kept
+        for the whole run, outside the LRU budget: a run's prompt lists without a disk store
+        (data.prompt_cache = "off"), about 1.7 MB of host memory per SD3 prompt on every rank."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._kept
+                   and not (self.store is not None and p in self.store)]
+        for i in range(0, len(missing), self.chunk):
+            part = missing[i:i + self.chunk]
+            out = self._encode(part)
+            for j, p in enumerate(part):
+                self._kept[p] = {k: _compact(v[j]) for k, v in out.items()}
+                row = self._rows.pop(p, None)
+                if row is not None:
+                    self._held -= sum(t.nbytes for t in row.values())
+
     @property
     def nbytes(self) -> int:
         """Host bytes held by the in-memory rows (storages counted once)."""
         seen, total = set(), 0
-        for row in self._rows.values():
+        for row in [*self._kept.values(), *self._rows.values()]:
             for v in row.values():
                 st = v.untyped_storage()
                 if st.data_ptr() not in seen:
@@ -195,7 +291,7 @@ class PromptCache:
         in_store = self.store is not None and all(p in self.store for p in prompts)
         if in_store:
             return self._to_device(self.store.rows(prompts))
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._rows and p not in self._kept
                                      and not (self.store is not None and p in self.store)))
         for i in range(0, len(missing), self.chunk):
             part = missing[i:i + self.chunk]
@@ -206,7 +302,9 @@ class PromptCache:
                 self._held += sum(t.nbytes for t in row.values())
         rows = []
         for p in prompts:
-            if p in self._rows:
+            if p in self._kept:
+                rows.append(self._kept[p])
+            elif p in self._rows:
                 self._rows.move_to_end(p)
                 rows.append(self._rows[p])
             else:
