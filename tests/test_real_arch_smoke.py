@@ -1,0 +1,122 @@
+"""bench/real_arch_smoke.py at toy widths: the same path as the real-architecture smoke run (a saved
+pipeline loaded by the trainer, one Trainer.run iteration per case in its own process, the export
+reloaded by the stock diffusers API, memory accounted and checked against the measured bytes), so
+the script cannot rot; and its memory formulas against bitsandbytes itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "real_arch_smoke.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("real_arch_smoke", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(180)
+def test_tiny_mode_trains_exports_and_reloads(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _run("--mode", "tiny", "--cases", "sd3-lora,flux-full-8bit", "--sd3-lora-layers", "2",
+                "--flux-full-blocks", "1,1", "--in-process", "--out", str(out), "--work-dir", str(work))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cases = {c["case"]: c for c in res["cases"]}
+    assert set(cases) == {"sd3-lora", "flux-full-8bit"}
+    for name, c in cases.items():
+        assert "error" not in c, (name, c.get("error"))
+        t, v = c["train"], c["verify"]
+        assert c["check"] == {}, (name, c["check"])  # computed bytes at 1 rank == measured bytes
+        assert t["export"]["equals_trainer_ema"] and t["export"]["covers_all_trainable"], name
+        assert v["equal"] and v["same_keys"] and v["tensors"] > 0, (name, v)
+        assert t["metrics"]["onpolicy/clipfrac"] == 0.0 and t["metrics"]["optimizer_steps"] == 1
+        assert t["peak_rss"] > 0 and t["measured"]["grads"] == t["measured"]["weights"] > 0
+    lora = cases["sd3-lora"]
+    assert lora["verify"]["api"] == "StableDiffusion3Pipeline.load_lora_weights"
+    assert lora["verify"]["lora_scale_ok"]  # alpha / r travelled with the export
+    assert lora["train"]["export"]["lora_B_nonzero"] > 0  # the step moved the adapter
+    assert lora["train"]["dtypes"]["frozen"] == ["torch.bfloat16"]
+    full = cases["flux-full-8bit"]
+    assert full["verify"]["api"] == "FluxTransformer2DModel.from_pretrained"
+    assert full["train"]["dtypes"]["trainable"] == ["torch.float32"]  # fp32 master weights
+    assert "torch.uint8" in full["train"]["dtypes"]["optimizer_state"]
+    assert full["train"]["measured"]["reference"] == full["train"]["measured"]["weights"] // 2  # bf16 copy
+    rows = {(r["model"], r["depth"], r["finetune"], r["ranks"], r["how"]) for r in res["memory"]}
+    assert ("tiny flux", "1 double + 1 single", "full, 8-bit AdamW", 8, "computed") in rows
+    assert ("tiny sd3", "2 layers", "LoRA, AdamW", 1, "measured") in rows
+    table = (out / "table.md").read_text()
+    assert "| sd3-lora |" in table and "| flux-full-8bit |" in table and "fsdp2" in table
+    assert not (work / "pipelines").exists() and not (work / "runs").exists()  # cleaned up
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cases", "sd3-lora,nope"], "unknown case(s) nope"),
+    (["--resolution", "100"], "multiple of 16"),
+    (["--sd3-full-layers", "30"], "1..24"),
+    (["--flux-lora-blocks", "2"], "DOUBLE,SINGLE"),
+    (["--mode", "huge"], "invalid choice"),
+    (["--max-rss-gib", "0"], "> 0"),
+    (["--out", "/proc/no-such-dir"], "cannot write there"),
+])
+def test_bad_input_is_one_line(tmp_path, args, words):
+    proc = _run(*args, "--work-dir", str(tmp_path / "w"), timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], proc.stderr
+    assert not (tmp_path / "w").exists()  # nothing made before the check
+
+
+def test_fsdp2_shard_and_8bit_state_rules():
+    """The per-rank rules the computed rows use: FSDP2's dim-0 chunk of rank 0 (padded to
+    ceil(dim0 / W) rows), and bitsandbytes' AdamW8bit state, checked against the optimizer
+    itself on shard-sized tensors with the threshold fastflow uses for 8 ranks."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastflow.parallel import optimizer_state_bytes
+
+    m = _script()
+    assert m._shard_numel((10, 3), 8) == 2 * 3 and m._shard_numel((16, 3), 8) == 2 * 3
+    assert m._shard_numel((3,), 8) == 1 and m._shard_numel((10, 3), 1) == 30
+    shapes = [(300,), (511,), (512,), (4097,), (70, 33)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=4096 // 8)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    expect = sum(m._adam8_bytes(p.numel(), 512) for p in params) + 2 * 256 * 4  # + the two shared maps
+    assert optimizer_state_bytes(opt) == expect
+
+
+def test_child_process_step_and_memory_watchdog(tmp_path):
+    """A step in its own process (how the real-width run keeps each case's peak RSS its own) writes
+    its result back; one whose resident memory passes the limit is killed and reported."""
+    m = _script()
+    conf = m.transformer_config("flux", "tiny", (1, 1))
+    spec = {"name": "flux-1d1s", "family": "flux", "config": conf, "widths": m.encoder_widths("flux", conf),
+            "resolution": 32, "seed": 0, "dir": str(tmp_path / "pipe")}
+    res, err = m.run_child("build", spec, tmp_path, limit_bytes=1)
+    assert res is None and err.startswith("killed: resident memory passed")
+    res, err = m.run_child("build", spec, tmp_path, limit_bytes=8 * 2**30)
+    assert err == "" and res["transformer_params"] == sum(
+        p.numel() for p in __import__("diffusers").FluxTransformer2DModel.from_pretrained(
+            str(tmp_path / "pipe" / "transformer")).parameters())
+    assert (tmp_path / "pipe" / "model_index.json").is_file()
