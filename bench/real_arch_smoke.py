@@ -249,10 +249,9 @@ def account(family: str, tconf: dict, finetune: str, optimizer: str, world: int,
     """Per-rank tensor bytes of a run, computed on the meta device from the config, following what
     fastflow does: LoRA keeps the frozen base and its buffers in bf16 and the adapter (its grads,
     AdamW state, EMA) in fp32, replicated on every rank (DDP). Full fine-tuning keeps fp32 master
-    weights, grads, state and EMA, and a frozen bf16 reference copy; at 1 rank the transformer's
-    buffers are cast to fp32 with it and the reference keeps them (fp32 twice); under FSDP2 the
-    network stays as loaded (bf16 buffers) and only trained parameters become fp32, and every
-    parameter (trained and reference) is sharded while buffers stay replicated."""
+    weights, grads, state and EMA, and a frozen reference copy (matrices in bf16, vectors in fp32
+    like the policy's); the buffers stay as loaded (bf16), in the policy and in the reference; under
+    FSDP2 every parameter (trained and reference) is sharded while buffers stay replicated."""
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
@@ -269,8 +268,8 @@ def account(family: str, tconf: dict, finetune: str, optimizer: str, world: int,
         buffer_bytes = 2 * sum(math.prod(s) for s in bufs)
     else:
         trained = [s for _, s in base]
-        frozen = {"base": 0, "reference": 2 * sum(_shard_numel(s, w) for s in trained)}
-        buffer_bytes = (2 * 2 if fsdp else 4 * 2) * sum(math.prod(s) for s in bufs)
+        frozen = {"base": 0, "reference": sum((2 if len(s) >= 2 else 4) * _shard_numel(s, w) for s in trained)}
+        buffer_bytes = 2 * 2 * sum(math.prod(s) for s in bufs)
     local = [_shard_numel(s, w) for s in trained]
     if optimizer == "adamw":
         opt = sum(8 * n + 4 for n in local)  # exp_avg, exp_avg_sq (fp32) + a float32 step per tensor

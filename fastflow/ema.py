@@ -33,17 +33,26 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self):
-        """Temporarily swap the EMA weights into the model (for evaluation)."""
-        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        """Temporarily copy the EMA weights into the model (for evaluation and export).
+
+        The current weights wait in host memory meanwhile, one tensor at a time, so the device
+        never holds a second copy of every trained weight (4 bytes per parameter more at every
+        evaluation, e.g. 5.5 GiB per GPU for FLUX full fine-tuning over 8 ranks). A sharded
+        parameter keeps only its local shard there."""
+        from fastflow.parallel import local
+
+        backup = {}
         with torch.no_grad():
             for n, p in self.params.items():
+                shard = local(p.detach())
+                backup[n] = shard.clone() if shard.device.type == "cpu" else shard.to("cpu")
                 p.copy_(self.shadow[n].to(p.dtype))
         try:
             yield
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
-                    p.copy_(backup[n])
+                    local(p.detach()).copy_(backup.pop(n))
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)
@@ -55,3 +64,4 @@ class EMA:
         for n in self.shadow:
             self.shadow[n].copy_(state[n])
         self.optimizer_steps = optimizer_steps
+

@@ -66,14 +66,19 @@ def full_state_dict(root: nn.Module) -> dict[str, Tensor]:
 
 def meta_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A copy of ``module``'s structure whose parameters and buffers live on the meta device (no
-    memory), parameters cast to ``dtype`` when given; fill it with ``to_empty`` + ``copy_weights_``.
+    memory), matrices cast to ``dtype`` and vectors to float32 when ``dtype`` is given; fill it with
+    ``to_empty`` + ``copy_weights_``.
     For a frozen reference copy that must not exist in full on any rank before it is sharded."""
     import copy
 
     memo: dict[int, object] = {}
     for p in module.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta", dtype=dtype or p.dtype),
-                                   requires_grad=False)
+        # Vectors (norm weights, biases) stay float32, as the trained master weights: layers such
+        # as diffusers' RMSNorm return their weight's dtype, so a bf16 norm weight in the reference
+        # would round where the fp32 policy does not, and the KL would not start at exactly 0.
+        # They are a few bytes. (Under FSDP2 both copies are gathered in the compute dtype.)
+        cast = p.dtype if dtype is None else (dtype if p.ndim >= 2 else torch.float32)
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta", dtype=cast), requires_grad=False)
     for b in module.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
     return copy.deepcopy(module, memo)

@@ -94,7 +94,8 @@ def main() -> int:
             trained = [p for p in t.params.values()]
             tensors = {"ref_local_numel": torch.tensor(sum(parallel.local(p).numel() for p in ref.parameters())),
                        "ref_numel": torch.tensor(sum(p.numel() for p in ref.parameters())),
-                       "ref_bf16": torch.tensor(int(all(p.dtype == torch.bfloat16 for p in ref.parameters()))),
+                       "ref_bf16": torch.tensor(int(all(p.dtype == (torch.bfloat16 if p.ndim >= 2 else torch.float32)
+                                                        for p in ref.parameters()))),
                        "trained_fp32": torch.tensor(int(all(parallel.local(p).dtype == torch.float32 for p in trained))),
                        "trained_local_numel": torch.tensor(sum(parallel.local(p).numel() for p in trained))}
             tensors.update({f"ref.{n}": parallel.full(p.detach()).float().clone() for n, p in ref.named_parameters()})

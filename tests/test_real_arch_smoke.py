@@ -60,7 +60,9 @@ def test_tiny_mode_trains_exports_and_reloads(tmp_path):
     assert full["verify"]["api"] == "FluxTransformer2DModel.from_pretrained"
     assert full["train"]["dtypes"]["trainable"] == ["torch.float32"]  # fp32 master weights
     assert "torch.uint8" in full["train"]["dtypes"]["optimizer_state"]
-    assert full["train"]["measured"]["reference"] == full["train"]["measured"]["weights"] // 2  # bf16 copy
+    # the reference: a bf16 copy of the matrices, fp32 vectors (norms, biases) like the policy's
+    assert full["train"]["measured"]["weights"] // 2 < full["train"]["measured"]["reference"] \
+        < 0.6 * full["train"]["measured"]["weights"]
     rows = {(r["model"], r["depth"], r["finetune"], r["ranks"], r["how"]) for r in res["memory"]}
     assert ("tiny flux", "1 double + 1 single", "full, 8-bit AdamW", 8, "computed") in rows
     assert ("tiny sd3", "2 layers", "LoRA, AdamW", 1, "measured") in rows

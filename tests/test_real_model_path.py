@@ -73,10 +73,12 @@ def test_full_finetune_trains_fp32_master_weights_in_bf16(tmp_path, pipes, promp
     params = t.params
     assert params and all(p.dtype == torch.float32 for p in params.values())
     ref = dict(t.policy.tuning.ref_transformer.named_parameters())
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ref.values())
+    # the reference's matrices in bf16, its vectors (norms, biases) as the policy's: fp32
+    assert all(p.dtype == (torch.bfloat16 if p.ndim >= 2 else torch.float32) and not p.requires_grad
+               for p in ref.values())
     start = {n: p.detach().clone() for n, p in params.items()}
     for n, p in start.items():  # the reference is the base (the weights as loaded in bf16)
-        assert torch.equal(ref[n[len("transformer."):]], p.to(torch.bfloat16)), n
+        assert torch.equal(ref[n[len("transformer."):]], p.to(ref[n[len("transformer."):]].dtype)), n
     one_iteration(t)
     assert t.optimizer_steps == 1
     state = [t.optimizer.state[p] for p in params.values()]
@@ -543,3 +545,46 @@ def test_training_pass_syncs_with_the_host_per_optimizer_step_not_per_step_on_gp
                 torch.cuda.set_sync_debug_mode("default")
         counts[steps] = sum("synchroniz" in str(w.message) for w in caught)
     assert counts[2] == counts[4], counts
+
+
+# ------------------------------------------------------------------------- the EMA in place
+
+def test_ema_applied_is_in_place_and_restores_exactly():
+    from fastflow.ema import EMA
+
+    torch.manual_seed(0)
+    params = {f"w{i}": torch.nn.Parameter(torch.randn(64, 32)) for i in range(3)}
+    params["half"] = torch.nn.Parameter(torch.randn(8).to(torch.bfloat16))
+    ema = EMA(params, decay=0.5, every=1)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    ema.on_optimizer_step()
+    current = {n: p.detach().clone() for n, p in params.items()}
+    shadow = {n: v.clone() for n, v in ema.shadow.items()}
+    storages = {n: p.data_ptr() for n, p in params.items()}
+    with ema.applied():
+        for n, p in params.items():
+            assert torch.equal(p.detach(), shadow[n].to(p.dtype)), n
+            assert p.data_ptr() == storages[n]  # in place: the parameters keep their memory
+            assert torch.equal(ema.shadow[n], shadow[n])
+    for n, p in params.items():
+        assert torch.equal(p.detach(), current[n]) and torch.equal(ema.shadow[n], shadow[n]), n
+
+
+@pytest.mark.gpu
+def test_ema_applied_needs_no_second_copy_of_the_weights_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fastflow.ema import EMA
+
+    params = {f"w{i}": torch.nn.Parameter(torch.randn(1024, 1024, device="cuda")) for i in range(16)}
+    ema = EMA(params, decay=0.9, every=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with ema.applied():
+        pass
+    one_tensor = 1024 * 1024 * 4
+    assert torch.cuda.max_memory_allocated() - base <= 2 * one_tensor  # not 16 tensors' worth
+    assert all(p.is_cuda for p in params.values())

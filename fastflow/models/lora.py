@@ -229,7 +229,12 @@ class TunedTransformerPolicy:
 
         full = finetune == "full"
         if not shard_later:
-            place(transformer, self.device, torch.float32 if full else self.dtype)
+            if full:  # the parameters become fp32 master weights (on the host, one at a time);
+                for p in transformer.parameters():  # buffers (SD3.5's 432 MiB positional
+                    p.data = p.data.to(torch.float32)  # table) stay as loaded
+                transformer.to(self.device)
+            else:
+                place(transformer, self.device, self.dtype)
         elif not full and any(p.dtype != self.dtype for p in transformer.parameters()):
             transformer.to(dtype=self.dtype)
         self.transformer = transformer
