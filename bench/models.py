@@ -1,9 +1,10 @@
-"""The architectures the benches time: SD3.5-Medium's and FLUX.1-dev's transformers with their real
-configs and random weights (nothing is downloaded), tiny configs for CPU smoke runs, FLOP counts
-from a config, and Policy wrappers that run fastflow's own SD3 / FLUX velocity code on a bare
-transformer (no text encoders or VAE: the benches feed random prompt embeddings).
+"""The architectures the benches time: SD3.5-Medium's, FLUX.1-dev's, Qwen-Image's and FLUX.2
+[klein] 4B's transformers with their real configs and random weights (nothing is downloaded), tiny
+configs for CPU smoke runs, FLOP counts from a config, and Policy wrappers that run fastflow's own
+velocity code (fastflow.models.sd3 / flux / qwenimage / flux2_klein) on a bare transformer (no
+text encoders or VAE: the benches feed random prompt embeddings).
 
-    spec = ARCHS["sd3.5-medium"]                       # or "flux.1-dev", "tiny-sd3", "tiny-flux"
+    spec = ARCHS["sd3.5-medium"]    # or "flux.1-dev", "qwen-image", "flux.2-klein-base-4b", "tiny-..."
     model = build_transformer(spec, device, torch.bfloat16)
     flops = forward_flops(spec, batch=48)              # one transformer forward, matmul FLOPs
 """
@@ -34,16 +35,35 @@ TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, nu
 TINY_FLUX = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                  pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+# Qwen-Image transformer (Qwen/Qwen-Image, transformer/config.json): 60 double-stream blocks, 20B.
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                  axes_dims_rope=(16, 56, 56))
+# FLUX.2 [klein] 4B transformer (black-forest-labs/FLUX.2-klein-base-4B; the distilled klein-4B has
+# the same): 5 double + 20 single blocks, prompt embeddings of 3 x 2560 (Qwen3-4B layers 9/18/27).
+FLUX2_KLEIN_4B = dict(patch_size=1, in_channels=128, out_channels=None, num_layers=5, num_single_layers=20,
+                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                      timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                      rope_theta=2000, guidance_embeds=False)
+TINY_QWENIMAGE = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                      num_attention_heads=2, joint_attention_dim=32, guidance_embeds=False,
+                      axes_dims_rope=(2, 2, 4))
+TINY_FLUX2_KLEIN = dict(patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1,
+                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                        timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(2, 2, 2, 2),
+                        rope_theta=2000, guidance_embeds=False)
 
 
 @dataclass(frozen=True)
 class Arch:
     """One benchmarked architecture and its Flow-GRPO rollout settings (FLOW_GRPO.md section 6).
 
-    family: "sd3" | "flux"; resolution in pixels; latent_side = resolution / 8 (the VAE factor);
-    text_tokens: prompt tokens the transformer sees (SD3: 77 CLIP + 128 T5; FLUX: 128 T5, the
-    public code's max_sequence_length); steps / guidance / noise_level of training rollouts;
-    lora_targets: the paper's LoRA target modules; lora_rank.
+    family: "sd3" | "flux" | "qwenimage" | "flux2_klein"; resolution in pixels; latent_side =
+    resolution / 8 (the VAE factor); text_tokens: prompt tokens the transformer sees (SD3: 77 CLIP +
+    128 T5; FLUX: 128 T5, the public code's max_sequence_length; Qwen-Image: the run's fixed text
+    length, which fastflow sets from the prompt lists (128 here stands for typical lists; PickScore's
+    longest prompts take it to about 464); klein: its fixed 512); steps / guidance / noise_level of
+    training rollouts; lora_targets: the public recipe's LoRA target modules; lora_rank.
     """
 
     name: str
@@ -63,18 +83,19 @@ class Arch:
 
     @property
     def cfg(self) -> bool:
-        """True when the rollout runs classifier-free guidance (a doubled batch)."""
-        return self.family == "sd3" and self.guidance > 1.0
+        """True when the rollout runs classifier-free guidance (a doubled batch): SD3, Qwen-Image's
+        true CFG and klein's base models; FLUX.1 is guidance-distilled."""
+        return self.family in ("sd3", "qwenimage", "flux2_klein") and self.guidance > 1.0
 
     @property
     def image_tokens(self) -> int:
-        """Image tokens per sample: patches of the latent grid (FLUX packs 2 x 2 latent patches)."""
+        """Image tokens per sample: patches of the latent grid (the others pack 2 x 2 latent patches)."""
         p = self.config["patch_size"] if self.family == "sd3" else 2
         return (self.latent_side // p) ** 2
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        """The Policy's per-sample latent shape (FLUX: packed ``[tokens, 4 C]``)."""
+        """The Policy's per-sample latent shape (packed ``[tokens, 4 C]`` but for SD3)."""
         if self.family == "sd3":
             return (self.config["in_channels"], self.latent_side, self.latent_side)
         return (self.image_tokens, self.config["in_channels"])
@@ -85,23 +106,45 @@ SD3_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to
 FLUX_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                 "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                 "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+QWENIMAGE_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
+                     "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj",
+                     "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+FLUX2_KLEIN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                       "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.linear_in",
+                       "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+                       "attn.to_qkv_mlp_proj")
 
 ARCHS = {
     "sd3.5-medium": Arch("sd3.5-medium", "sd3", SD35_MEDIUM, 512, 77 + 128, 10, 4.5, 0.7, 32, SD3_TARGETS),
     "flux.1-dev": Arch("flux.1-dev", "flux", FLUX1_DEV, 512, 128, 6, 3.5, 0.9, 64, FLUX_TARGETS),
     "tiny-sd3": Arch("tiny-sd3", "sd3", TINY_SD3, 64, 12, 3, 4.5, 0.7, 4, SD3_TARGETS),
     "tiny-flux": Arch("tiny-flux", "flux", TINY_FLUX, 64, 8, 3, 3.5, 0.9, 4, FLUX_TARGETS),
+    # the public Qwen-Image recipe: 10 steps, true CFG 4 (noise 1.2 there, 1.0 here: fastflow's cap)
+    "qwen-image": Arch("qwen-image", "qwenimage", QWEN_IMAGE, 512, 128, 10, 4.0, 1.0, 64,
+                       QWENIMAGE_TARGETS),
+    # the public klein-base recipe: 8 steps, CFG 4, noise 0.7 (384 px there; 512 here as the others)
+    "flux.2-klein-base-4b": Arch("flux.2-klein-base-4b", "flux2_klein", FLUX2_KLEIN_4B, 512, 512, 8,
+                                 4.0, 0.7, 64, FLUX2_KLEIN_TARGETS),
+    "tiny-qwenimage": Arch("tiny-qwenimage", "qwenimage", TINY_QWENIMAGE, 64, 8, 3, 4.0, 1.0, 4,
+                           QWENIMAGE_TARGETS),
+    "tiny-flux2-klein": Arch("tiny-flux2-klein", "flux2_klein", TINY_FLUX2_KLEIN, 64, 16, 3, 4.0, 0.7,
+                             4, FLUX2_KLEIN_TARGETS),
 }
 #: the tiny stand-in of each real architecture (CPU smoke runs)
-TINY = {"sd3.5-medium": "tiny-sd3", "flux.1-dev": "tiny-flux"}
+TINY = {"sd3.5-medium": "tiny-sd3", "flux.1-dev": "tiny-flux", "qwen-image": "tiny-qwenimage",
+        "flux.2-klein-base-4b": "tiny-flux2-klein"}
+
+
+TRANSFORMER_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+                     "qwenimage": "QwenImageTransformer2DModel", "flux2_klein": "Flux2Transformer2DModel"}
 
 
 def build_transformer(arch: Arch, device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     """The diffusers transformer of ``arch`` with random weights, created directly on ``device``
     in ``dtype`` (a 12B FLUX never exists in float32 or on the host)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    import diffusers
 
-    cls = SD3Transformer2DModel if arch.family == "sd3" else FluxTransformer2DModel
+    cls = getattr(diffusers, TRANSFORMER_CLASS[arch.family])
     prev = torch.get_default_dtype()
     torch.manual_seed(seed)
     try:
@@ -145,6 +188,27 @@ def forward_flops(arch: Arch, batch: int, *, attention: bool = True) -> int:
             if i in dual:                                              # image self-attention
                 macs += n_img * 4 * d * d + att * 2 * n_img * n_img * d
         macs += 2 * d * d + n_img * d * p * p * cout                   # norm_out, proj_out
+    elif arch.family == "qwenimage":
+        p, cin, cout = c["patch_size"], c["in_channels"], c["out_channels"] or c["in_channels"]
+        macs += n_img * cin * d + n_txt * c["joint_attention_dim"] * d  # img_in, txt_in
+        macs += 256 * d + d * d                                         # timestep embedding
+        for _ in range(c["num_layers"]):                                # double-stream blocks
+            macs += 2 * d * 6 * d                                       # img_mod, txt_mod
+            macs += n * 4 * d * d + att * 2 * n * n * d + n * 8 * d * d  # q/k/v/out, attention, MLP
+        macs += 2 * d * d + n_img * d * p * p * cout                    # norm_out, proj_out
+    elif arch.family == "flux2_klein":
+        cin = c["in_channels"]
+        cout = c.get("out_channels") or cin
+        h = int(d * c.get("mlp_ratio", 3.0))                            # SwiGLU hidden width
+        tg = c.get("timestep_guidance_channels", 256)
+        macs += n_img * cin * d + n_txt * c["joint_attention_dim"] * d  # x / context embedders
+        macs += (2 if c.get("guidance_embeds") else 1) * (tg * d + d * d)  # time (+ guidance)
+        macs += d * (6 + 6 + 3) * d                                     # shared modulations
+        for _ in range(c["num_layers"]):                                # double-stream blocks
+            macs += n * 4 * d * d + att * 2 * n * n * d + n * 3 * d * h  # q/k/v/out, attention, MLP
+        for _ in range(c["num_single_layers"]):                         # single-stream blocks
+            macs += n * d * (3 * d + 2 * h) + att * 2 * n * n * d + n * (d + h) * d
+        macs += 2 * d * d + n_img * d * cout                            # norm_out, proj_out
     else:
         cin = c["in_channels"]
         cout = c.get("out_channels") or cin
@@ -176,17 +240,23 @@ def train_step_flops(arch: Arch, batch: int, trained_steps: int, finetune: str, 
 
 
 def random_cond(arch: Arch, batch: int, device, dtype, seed: int = 0) -> dict[str, Tensor]:
-    """Random prompt embeddings of the shapes the transformer reads."""
+    """Random prompt embeddings of the shapes the transformer reads (Qwen-Image: with an all-true
+    mask, i.e. every prompt as long as the run's longest; klein: no pooled embedding)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     c = arch.config
     embeds = torch.randn(batch, arch.text_tokens, c["joint_attention_dim"], generator=g)
-    pooled = torch.randn(batch, c["pooled_projection_dim"], generator=g)
-    return {"prompt_embeds": embeds.to(device, dtype), "pooled_prompt_embeds": pooled.to(device, dtype)}
+    out = {"prompt_embeds": embeds.to(device, dtype)}
+    if arch.family in ("sd3", "flux"):
+        pooled = torch.randn(batch, c["pooled_projection_dim"], generator=g)
+        out["pooled_prompt_embeds"] = pooled.to(device, dtype)
+    if arch.family == "qwenimage":
+        out["prompt_embeds_mask"] = torch.ones(batch, arch.text_tokens, dtype=torch.bool, device=device)
+    return out
 
 
 def bench_policy(arch: Arch, transformer, *, device, dtype, finetune: str = "lora"):
-    """A fastflow Policy over a bare transformer that runs fastflow.models.sd3 / flux velocity code
-    (the same method objects) with random negative-prompt embeddings.
+    """A fastflow Policy over a bare transformer that runs fastflow.models.sd3 / flux / qwenimage /
+    flux2_klein velocity code (the same method objects) with random negative-prompt embeddings.
 
     finetune: "lora" (the paper's targets and rank), "full" (frozen copy as reference) or "none"
     (no adapter: plain sampling)."""
@@ -198,8 +268,18 @@ def bench_policy(arch: Arch, transformer, *, device, dtype, finetune: str = "lor
         from fastflow.models.sd3 import SD3Policy as Base
 
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    else:
+    elif arch.family == "flux":
         from fastflow.models.flux import FluxPolicy as Base
+
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    elif arch.family == "qwenimage":
+        from fastflow.models.qwenimage import QwenImagePolicy as Base
+
+        sched = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image's scheduler config
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    else:
+        from fastflow.models.flux2_klein import Flux2KleinPolicy as Base
 
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
 
@@ -208,6 +288,7 @@ def bench_policy(arch: Arch, transformer, *, device, dtype, finetune: str = "lor
             self.device, self.dtype = torch.device(device), dtype
             self.pipe = SimpleNamespace(scheduler=sched)
             self.shift = 3.0 if arch.family == "sd3" else 0.0
+            self.resolution = arch.resolution
             self.latent_shape = arch.latent_shape
             self.transformer = transformer
             if finetune == "none":
@@ -217,13 +298,27 @@ def bench_policy(arch: Arch, transformer, *, device, dtype, finetune: str = "lor
                 self.tuning = Tuning(transformer, finetune=finetune, rank=arch.lora_rank,
                                      alpha=2.0 * arch.lora_rank, targets=list(arch.lora_targets))
             neg = random_cond(arch, 1, device, dtype, seed=12345)
-            self._neg_embeds, self._neg_pooled = neg["prompt_embeds"], neg["pooled_prompt_embeds"]
+            self._neg_embeds = neg["prompt_embeds"]
+            self._neg_pooled = neg.get("pooled_prompt_embeds")
+            self._neg_mask = neg.get("prompt_embeds_mask")
             self._sigmas = {}
+            side = arch.latent_side // 2
             if arch.family == "flux":
                 from diffusers import FluxPipeline
 
-                side = arch.latent_side // 2
                 self._img_ids = FluxPipeline._prepare_latent_image_ids(1, side, side, device, dtype)
+            elif arch.family == "qwenimage":
+                self._img_shapes = [(1, side, side)]
+                self.text_len = arch.text_tokens
+            elif arch.family == "flux2_klein":
+                from diffusers import Flux2KleinPipeline
+
+                self.distilled = False
+                self._grid = (side, side)
+                grid = torch.zeros(1, 1, side, side)
+                self._img_ids = Flux2KleinPipeline._prepare_latent_ids(grid)[0].to(device)
+                text = torch.zeros(1, arch.text_tokens, 1)
+                self._txt_ids = Flux2KleinPipeline._prepare_text_ids(text)[0].to(device)
 
     return BenchPolicy()
 

@@ -14,6 +14,8 @@ REGISTRY: dict[str, str] = {
     "shapes": "fastflow.shapes.policy:build_policy",
     "sd3": "fastflow.models.sd3:build_policy",
     "flux": "fastflow.models.flux:build_policy",
+    "qwenimage": "fastflow.models.qwenimage:build_policy",
+    "flux2_klein": "fastflow.models.flux2_klein:build_policy",
 }
 
 
