@@ -95,10 +95,10 @@ class ModelConfig:
     lora_alpha: float = opt(32.0, "LoRA alpha; the adapter's output is scaled by alpha / r.")
     lora_targets: list[str] = opt([], "Module names that get LoRA adapters; empty = the model's paper "
                                       "default (SD3.5: the attention projections).")
-    resolution: int = opt(512, "Image side in pixels for sd3/flux (a multiple of 16); the toy and shapes "
+    resolution: int = opt(512, "Image side in pixels for the diffusers models (a multiple of 16); the toy and shapes "
                                "models have a fixed size.")
     shift: float = opt(0.0, "Time-grid shift of the flow sigmas; 0 = the model's default.")
-    compile: bool = opt(False, "torch.compile the denoiser (sd3/flux: the transformer and its frozen "
+    compile: bool = opt(False, "torch.compile the denoiser (diffusers models: the transformer and its frozen "
                                "copy; shapes: text encoder and UNet of the trained, reference and "
                                "sampling copies, which ran 0.9x on a one-thread CPU, so off there).")
     attention: str = opt("auto", "Attention kernels of every forward on CUDA (rollout, training recompute and "
@@ -107,7 +107,7 @@ class ModelConfig:
                                  "flash-attn backend (needs flash_attn); auto = flash when installed, else "
                                  "sdpa; none = PyTorch's own choice. No effect off CUDA.",
                          choices=("auto", "sdpa", "flash", "none"))
-    offload_text_encoders: bool = opt(True, "sd3/flux: encode the training and evaluation prompt lists once "
+    offload_text_encoders: bool = opt(True, "Diffusers models: encode the training and evaluation prompt lists once "
                                             "(over the ranks, cached on disk: data.prompt_cache), then move "
                                             "the text encoders to host memory (about 11 GB of bf16 weights "
                                             "for SD3.5's CLIP-L/G + T5-XXL); prompts outside the lists are "
@@ -122,7 +122,8 @@ class SampleConfig:
     eval_steps: int = opt(20, "Denoising steps of evaluation (ODE sampler); >= train_steps.")
     guidance_scale: float = opt(4.5, "Classifier-free guidance weight w of rollouts (FLUX: the value fed "
                                      "to its guidance embedding).")
-    noise_level: float = opt(0.7, "SDE noise level a, in (0, 1].")
+    noise_level: float = opt(0.7, "SDE noise level a: sde in (0, 2] (std_t = a sqrt(t / (1 - t)); SD3.5 0.7, "
+                                  "FLUX 0.9, Qwen-Image 1.2), cps in (0, 1].")
     kind: str = opt("sde", "Stochastic step: sde (Flow-GRPO) or cps (coefficient-preserving).",
                     choices=("sde", "cps"))
     group_size: int = opt(8, "Images per prompt G (one GRPO group); >= 2.")
@@ -204,7 +205,7 @@ class DataConfig:
                                  "the model's built-in list.")
     eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl); \"\" = the model's "
                                 "built-in list.")
-    prompt_cache: str = opt("", "sd3/flux: folder of the on-disk prompt-embedding cache, keyed by model, "
+    prompt_cache: str = opt("", "Diffusers models: folder of the on-disk prompt-embedding cache, keyed by model, "
                                 "encoder settings and prompt list (reused by later runs); \"\" = "
                                 "$FASTFLOW_CACHE or ~/.cache/fastflow; \"off\" = no disk cache.")
 
@@ -315,6 +316,10 @@ class CliArgs:
     print_config: bool
     resume: str | None  # None, "auto" (bare --resume) or a path
     overrides: tuple[str, ...]
+    plan: bool = False  # --plan: print the per-rank memory plan (fastflow.plan) and exit
+    plan_gpus: int | None = None  # --plan-gpus N (default: $WORLD_SIZE or 1)
+    plan_gpu_memory: str | None = None  # --plan-gpu-memory SIZE (default: this GPU's, else 80 GiB)
+    plan_check: bool = True  # --no-plan-check: skip the start-up memory check on CUDA
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,17 +781,19 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(model.lora_alpha > 0, f"model.lora_alpha ({model.lora_alpha}) must be > 0")
     need(all(t.strip() for t in model.lora_targets), "model.lora_targets must not contain empty names")
     need(model.resolution >= 1, f"model.resolution ({model.resolution}) must be >= 1")
-    if model.kind in ("sd3", "flux"):
-        # VAE downsampling 8 x transformer patch 2.
-        need(model.resolution % 16 == 0,
-             f"model.resolution ({model.resolution}) must be a multiple of 16 for {model.kind}")
+    multiple = _models.RESOLUTION_MULTIPLE.get(model.kind)
+    if multiple:  # VAE downsampling x transformer patch: checked before the weights load
+        need(model.resolution % multiple == 0,
+             f"model.resolution ({model.resolution}) must be a multiple of {multiple} for {model.kind}")
     need(model.shift >= 0, f"model.shift ({model.shift}) must be >= 0 (0 = the model's default)")
 
     need(sample.train_steps >= 1, f"sample.train_steps ({sample.train_steps}) must be >= 1")
     need(sample.eval_steps >= sample.train_steps,
          f"sample.eval_steps ({sample.eval_steps}) must be >= sample.train_steps ({sample.train_steps})")
     need(sample.guidance_scale >= 0, f"sample.guidance_scale ({sample.guidance_scale}) must be >= 0")
-    need(0 < sample.noise_level <= 1, f"sample.noise_level ({sample.noise_level}) must be in (0, 1]")
+    a_max = 1.0 if sample.kind == "cps" else 2.0  # cps: sin(a pi / 2) rises only up to a = 1
+    need(0 < sample.noise_level <= a_max,
+         f"sample.noise_level ({sample.noise_level}) must be in (0, {a_max:g}] for sample.kind {sample.kind}")
     need(sample.prompt_floor >= 0, f"sample.prompt_floor ({sample.prompt_floor}) must be >= 0")
     need(sample.group_size >= 2, f"sample.group_size ({sample.group_size}) must be >= 2 (advantages "
                                  f"compare images of one prompt)")
@@ -958,7 +965,7 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
 # ----------------------------------------------------------------------------------------------
 
 USAGE = ("usage: python -m fastflow.train [CONFIG.toml] [--print-config] [--resume [PATH]] "
-         "[--section.key VALUE ...]")
+         "[--plan [--plan-gpus N] [--plan-gpu-memory SIZE]] [--no-plan-check] [--section.key VALUE ...]")
 
 
 def options_help() -> str:
@@ -983,6 +990,12 @@ def help_text() -> str:
         "  --print-config       print the resolved config as TOML and exit",
         "  --resume [PATH]      resume: bare = the latest checkpoint of this run's directory;",
         "                       PATH = a run directory or checkpoint",
+        "  --plan               print the per-rank memory plan (nothing loaded, no GPU needed) and",
+        "                       exit: 0 = it fits, 1 = it does not (with the settings that would fit)",
+        "  --plan-gpus N        plan for N ranks (default: $WORLD_SIZE or 1)",
+        "  --plan-gpu-memory SIZE  GPU memory to plan against, e.g. 80GiB, 141GB (default: this",
+        "                       machine's GPU, else 80 GiB)",
+        "  --no-plan-check      on CUDA, start even when the plan says the run does not fit",
         "  --section.key VALUE  override one option; VALUE is a TOML literal (1e-4, true, [\"a\"],",
         "                       {shapes = 1.0}); text is accepted as is for string options",
         "  -h, --help           show this help",
@@ -991,8 +1004,9 @@ def help_text() -> str:
 
 
 def parse_cli(argv: Sequence[str]) -> CliArgs:
-    """Parse ``[CONFIG.toml] [--print-config] [--resume [PATH]] [--section.key VALUE ...]`` and load
-    the config (not validated: call :func:`validate` with the world size).
+    """Parse ``[CONFIG.toml] [--print-config] [--resume [PATH]] [--plan [--plan-gpus N]
+    [--plan-gpu-memory SIZE]] [--no-plan-check] [--section.key VALUE ...]`` and load the config (not
+    validated: call :func:`validate` with the world size).
 
     ``--help`` prints :func:`help_text` and exits with status 0. A value after ``--resume`` that
     ends in .toml is taken as the config file, not as the resume path.
@@ -1002,13 +1016,33 @@ def parse_cli(argv: Sequence[str]) -> CliArgs:
     print_config = False
     resume: str | None = None
     overrides: list[str] = []
+    plan, plan_gpus, plan_gpu_memory, plan_check = False, None, None, True
     i = 0
     while i < len(argv):
         tok = argv[i]
         if tok in ("-h", "--help"):
             print(help_text())
             raise SystemExit(0)
-        if tok == "--print-config":
+        flag, eq, inline = tok.partition("=")
+        if flag in ("--plan-gpus", "--plan-gpu-memory"):
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None)
+            if not value:
+                raise ConfigError(f"config: {flag} needs a value (e.g. {flag} {'8' if flag == '--plan-gpus' else '80GiB'})")
+            i += 0 if eq else 1
+            if flag == "--plan-gpus":
+                if not value.isdigit() or int(value) < 1:
+                    raise ConfigError(f"config: --plan-gpus must be an integer >= 1, got {_show(value)}")
+                plan_gpus = int(value)
+            else:
+                if not _is_size(value):
+                    raise ConfigError(f"config: --plan-gpu-memory must be a size such as 80GiB or 141GB, "
+                                      f"got {_show(value)}")
+                plan_gpu_memory = value
+        elif tok == "--plan":
+            plan = True
+        elif tok == "--no-plan-check":
+            plan_check = False
+        elif tok == "--print-config":
             print_config = True
         elif tok == "--resume" or tok.startswith("--resume="):
             if tok.startswith("--resume="):
@@ -1031,9 +1065,19 @@ def parse_cli(argv: Sequence[str]) -> CliArgs:
                                   f"({config_path}) was already given")
             config_path = tok
         i += 1
+    if (plan_gpus is not None or plan_gpu_memory is not None) and not plan:
+        raise ConfigError("config: --plan-gpus / --plan-gpu-memory only go with --plan")
     cfg = load_config(config_path, overrides)
     return CliArgs(config=cfg, config_path=config_path, print_config=print_config, resume=resume,
-                   overrides=tuple(overrides))
+                   overrides=tuple(overrides), plan=plan, plan_gpus=plan_gpus,
+                   plan_gpu_memory=plan_gpu_memory, plan_check=plan_check)
+
+
+def _is_size(text: str) -> bool:
+    """A memory size as fastflow.plan.parse_size reads it: a positive number and an optional unit
+    (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB; none = GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|[kmgt]|b)?\s*", text, re.IGNORECASE)
+    return m is not None and float(m.group(1)) > 0
 
 
 def _is_number(tok: str) -> bool:
@@ -1061,6 +1105,7 @@ defaults are the embedded shapes run (`python -m fastflow.train` with no file). 
 ```
 python -m fastflow.train [CONFIG.toml] [--print-config] [--resume [PATH]] [--section.key VALUE ...]
 torchrun --nproc_per_node 8 -m fastflow.train configs/pickscore.toml --train.lr 1e-4
+python -m fastflow.train configs/pickscore.toml --plan --plan-gpus 8 --plan-gpu-memory 80GiB
 ```
 
 - **Overrides** `--section.key VALUE` or `--section.key=VALUE` are applied after the file, in order.
@@ -1071,6 +1116,13 @@ torchrun --nproc_per_node 8 -m fastflow.train configs/pickscore.toml --train.lr 
 - **`--print-config`** prints the resolved config as TOML (it loads back to the same config) and
   exits; **`--resume`** alone resumes from the latest checkpoint of the run directory, `--resume PATH`
   from a given one.
+- **`--plan`** prints the per-rank memory plan of the run (weights, gradients, optimizer state,
+  FSDP2 gathers, rollout storage, activations, by phase) against the GPU's memory and exits: 0 when
+  it fits, 1 when it does not (with the settings that would make it fit and what each saves). It
+  loads nothing and needs no GPU: `--plan-gpus N` (default `$WORLD_SIZE` or 1) and
+  `--plan-gpu-memory SIZE` (`80GiB`, `141GB`; default this machine's GPU, else 80 GiB). A run on
+  CUDA makes the same plan at start-up and stops before loading when it cannot fit;
+  `--no-plan-check` starts it anyway. See docs/scaling.md (Memory plan).
 - **Validation** runs before any model is loaded. Every mistake stops the run with one line
   naming the key, for example:
 

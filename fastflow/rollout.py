@@ -27,8 +27,9 @@ metadata) are per-batch lists or scalars. ``index_cond`` slices it."""
 class Policy(Protocol):
     """What the sampler and the trainer need from a text-to-image flow model.
 
-    Implementations: fastflow.models.toy (tests), fastflow.shapes (the embedded default),
-    fastflow.models.sd3 and fastflow.models.flux (diffusers).
+    Implementations: fastflow.models.toy (tests), fastflow.shapes (the embedded default), and
+    over diffusers pipelines fastflow.models.sd3, flux, qwenimage and flux2_klein (registry:
+    fastflow.models.REGISTRY).
 
     Optional hooks the trainer uses when present: ``default_prompts(split) -> list[Prompt]``
     (built-in prompt lists, split "train"/"eval"), ``eval_metrics(images, prompts, metadata) ->

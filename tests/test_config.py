@@ -253,8 +253,12 @@ def test_type_errors_in_code_built_configs_are_caught_by_validate():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["--sample.noise_level", "0"], "config: sample.noise_level (0.0) must be in (0, 1]"),
-    (["--sample.noise_level", "1.5"], "config: sample.noise_level (1.5) must be in (0, 1]"),
+    (["--sample.noise_level", "0"], "config: sample.noise_level (0.0) must be in (0, 2] for sample.kind sde"),
+    (["--sample.noise_level", "2.5"], "config: sample.noise_level (2.5) must be in (0, 2] for sample.kind sde"),
+    (["--sample.kind", "cps", "--train.timestep_fraction", "0.5", "--sample.noise_level", "1.5"],
+     "config: sample.noise_level (1.5) must be in (0, 1] for sample.kind cps"),
+    (["--model.kind", "qwenimage", "--model.resolution", "520"],
+     "config: model.resolution (520) must be a multiple of 16 for qwenimage"),
     (["--train.lr", "0"], "config: train.lr (0.0) must be > 0"),
     (["--train.clip_range", "-1e-4"], "config: train.clip_range (-0.0001) must be > 0"),
     (["--train.beta", "-0.1"], "config: train.beta (-0.1) must be >= 0"),

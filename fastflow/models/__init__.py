@@ -19,6 +19,11 @@ REGISTRY: dict[str, str] = {
 }
 
 
+# Image sides a model takes are multiples of this (VAE downsampling x transformer patch): checked
+# by fastflow.config.validate before the weights load. Kinds with a fixed size are absent.
+RESOLUTION_MULTIPLE: dict[str, int] = {"sd3": 16, "flux": 16, "qwenimage": 16, "flux2_klein": 16}
+
+
 def resolve(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
