@@ -63,14 +63,20 @@ def reference_rollout(policy, arch, cond, x0: torch.Tensor, sigmas: torch.Tensor
     transformer = policy.transformer
     latents = x0.to(dtype)
     batch = latents.shape[0]
-    embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-    if arch.cfg:
-        embeds = torch.cat([policy._neg_embeds.expand(batch, -1, -1), embeds])
-        pooled = torch.cat([policy._neg_pooled.expand(batch, -1), pooled])
+    known = arch.family in ("sd3", "flux")  # the authors' own forward; other models: the policy's
+    if known:
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        if arch.cfg:
+            embeds = torch.cat([policy._neg_embeds.expand(batch, -1, -1), embeds])
+            pooled = torch.cat([policy._neg_pooled.expand(batch, -1), pooled])
     all_latents, all_log_probs = [x0.float()], []
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        if arch.family == "sd3":
+        if not known:  # eager policy forward, CFG combined in the compute dtype, as the authors do
+            out = policy.velocity(latents, sigma.expand(batch).to(latents.device), cond,
+                                  guidance_scale=guidance)
+            pred = out.combine(dtype) if hasattr(out, "combine") else out.to(dtype)
+        elif arch.family == "sd3":
             inp = torch.cat([latents] * 2) if arch.cfg else latents
             t = (sigma * 1000).expand(inp.shape[0]).to(latents.device)
             pred = transformer(hidden_states=inp, timestep=t, encoder_hidden_states=embeds,

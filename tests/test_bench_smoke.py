@@ -55,6 +55,16 @@ def test_sampler_throughput_cpu_smoke(tmp_path):
     assert all(r["cfg"] for r in sd3) and not any(r["cfg"] for r in rows if r["model"] == "tiny-flux")
 
 
+def test_sampler_throughput_reference_covers_the_2026_models(tmp_path):
+    """The authors'-style eager reference rollout of models without a hand-written forward here
+    (Qwen-Image's rescaled true CFG, FLUX.2 [klein]) goes through the policy's own velocity."""
+    _, rows = _run_bench("sampler_throughput.py", tmp_path, "--models", "qwen-image,flux.2-klein-base-4b",
+                         "--repeats", "1", "--warmup", "0", timeout=120)
+    assert {(r["model"], r["method"]) for r in rows} == {
+        (m, k) for m in ("tiny-qwenimage", "tiny-flux2-klein") for k in ("reference", "fastflow")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
 def test_train_step_cpu_smoke(tmp_path):
     out, rows = _run_bench("train_step.py", tmp_path, "--models", "sd3.5-medium", "--finetune", "lora,full")
     assert "numbers mean nothing" in out
