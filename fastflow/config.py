@@ -247,6 +247,13 @@ class LogConfig:
     every: int = opt(1, "Log scalars every this many iterations.")
     tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
     progress: bool = opt(True, "Show progress bars on the console.")
+    wandb: bool = opt(False, "Log to Weights & Biases too (pip install 'fastflow[wandb]'): every metric, the "
+                             "eval tables and image grids; a resumed run continues its wandb run. "
+                             "WANDB_MODE=offline writes it locally (wandb sync uploads it later).")
+    wandb_project: str = opt("fastflow", "wandb project.")
+    wandb_entity: str = opt("", "wandb entity (user or team); \"\" = your default entity.")
+    wandb_name: str = opt("", "wandb run name; \"\" = the run directory's name.")
+    wandb_tags: list[str] = opt([], "wandb run tags.")
 
 
 @dataclass

@@ -49,7 +49,7 @@ from fastflow.logs import setup_logging
 from fastflow.lr_schedule import lr_at
 from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
-from fastflow.metrics import MetricsLogger, headline, plot_curves
+from fastflow.metrics import MetricsLogger, check_wandb, headline, plot_curves
 from fastflow.models import build_policy
 from fastflow.prompt_sampler import PromptSampler
 from fastflow.rewards import WeightedReward
@@ -104,7 +104,8 @@ class Trainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(self.run_dir, cfg, self._resume_from)
-        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard)
+        self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard,
+                                    config=cfg)  # wandb too with log.wandb (a resumed run continues its wandb run)
 
         torch.manual_seed(derive_seed(cfg.run.seed, _GLOBAL))
         self.policy = build_policy(cfg, self.device)
@@ -512,9 +513,11 @@ class Trainer:
                 out[f"eval/category_mean/{k}"] = sum(vals) / len(vals)
         if tag and self.info.is_main and images_keep:
             save_grid(torch.cat(images_keep), self.run_dir / f"samples_{tag}.png")
+            self.logger.log_image(f"samples/{tag}", self.run_dir / f"samples_{tag}.png", self.iteration)
             self.grids[tag] = by_cat
             if tag == "after" and "before" in self.grids:
                 save_before_after(self.grids["before"], by_cat, self.run_dir / "before_after.png")
+                self.logger.log_image("samples/before_after", self.run_dir / "before_after.png", self.iteration)
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -954,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
                               "CUDA device is available")
         resolve_resume(args.resume, args.config)  # a --resume that names nothing: one line, now
         check_served_rewards(args.config.reward.weights, args.config.reward.options)  # servers up?
+        check_wandb(args.config.log)  # log.wandb without the package: one line, now
         check_cuda_graph_request(args.config, world_size_from_env())
         ranks = local_cpu_ranks(args.config)
     except (ConfigError, FileNotFoundError) as e:

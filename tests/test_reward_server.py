@@ -266,7 +266,8 @@ def test_server_refuses_a_negative_content_length_at_once(toy_server):
         while chunk := s.recv(4096):   # the server closes the connection after the reply
             chunks.append(chunk)
         reply = b"".join(chunks).decode()
-    assert reply.startswith("HTTP/1.1 400") and "Content-Length -5" in reply
+    # refused by the HTTP layer (h11) before the app sees it, and the connection closed
+    assert reply.startswith("HTTP/1.1 400") and "Invalid HTTP request" in reply
 
 
 @pytest.mark.parametrize("argv, cause", [
@@ -307,3 +308,292 @@ def test_server_cli_port_in_use_fails_before_the_reward_loads(monkeypatch, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"fastflow.rewards.serve: 127.0.0.1:{port}: ")
     assert "in use" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ batching
+
+class Recorder:
+    """A reward that scores each image by its mean and remembers the size of every call."""
+
+    def __init__(self, reject: str | None = None, delay: float = 0.0):
+        self.calls: list[int] = []
+        self.reject, self.delay = reject, delay
+
+    def __call__(self, images, prompts, metadata):
+        self.calls.append(len(prompts))
+        if self.reject in prompts:
+            raise ValueError(f"cannot score {self.reject!r}")
+        time.sleep(self.delay)
+        return images.mean(dim=(1, 2, 3))
+
+
+def _batched(reward, jobs, **kw):
+    """Send every (images, prompts) job at once through a Batcher; returns the results or errors."""
+    import asyncio
+
+    from fastflow.rewards.serve import Batcher
+
+    async def go():
+        b = Batcher(reward, **kw)
+        b.start()
+        try:
+            return await asyncio.gather(*[b.score(im, pr, [{} for _ in pr]) for im, pr in jobs],
+                                        return_exceptions=True), b.stats
+        finally:
+            await b.stop()
+    return asyncio.run(go())
+
+
+def test_concurrent_requests_form_one_model_batch():
+    rec = Recorder()
+    jobs = [(quantised(2, seed=i), [f"r{i}a", f"r{i}b"]) for i in range(8)]  # 8 ranks, 2 images each
+    results, stats = _batched(rec, jobs, max_images=256, wait_s=0.05)
+    assert rec.calls == [16]  # one model call for the 8 requests
+    for (images, _), (scores, timing) in zip(jobs, results):
+        assert scores == images.mean(dim=(1, 2, 3)).tolist()  # each request gets its own scores back
+        assert timing["batch_requests"] == 8 and timing["batch_images"] == 16
+    assert stats.batches == 1 and stats.batch_requests_max == 8
+
+
+def test_batches_respect_the_image_cap_and_image_size_and_can_be_off():
+    rec = Recorder()
+    jobs = [(quantised(3, seed=i), ["p"] * 3) for i in range(6)]
+    _batched(rec, jobs, max_images=9, wait_s=0.05)
+    assert rec.calls == [9, 9]  # three requests of 3 images per batch
+    rec = Recorder()
+    mixed = [(quantised(1, size=8), ["a"]), (quantised(1, size=16), ["b"]), (quantised(1, size=8), ["c"])]
+    results, _ = _batched(rec, mixed, max_images=256, wait_s=0.05)
+    assert sorted(rec.calls) == [1, 2] and all(not isinstance(r, Exception) for r in results)
+    rec = Recorder()
+    _batched(rec, jobs, max_images=0, wait_s=0.05)
+    assert rec.calls == [3] * 6  # --max-batch-images 0: one request per call
+
+
+def test_a_bad_request_fails_alone_and_the_others_are_scored():
+    from fastflow.rewards.serve import RewardRejected
+
+    rec = Recorder(reject="purple")
+    jobs = [(quantised(1, seed=i), ["purple" if i == 2 else "red"]) for i in range(4)]
+    results, stats = _batched(rec, jobs, max_images=256, wait_s=0.05)
+    assert isinstance(results[2], RewardRejected) and "cannot score 'purple'" in str(results[2])
+    for i in (0, 1, 3):
+        assert results[i][0] == jobs[i][0].mean(dim=(1, 2, 3)).tolist()
+    assert rec.calls == [4, 1, 1, 1, 1] and stats.retried_alone == 4
+
+
+def test_server_batches_concurrent_clients_and_reports_metrics():
+    server = Server("toy_color", "--batch-wait-ms", "1500", env={"FASTFLOW_REWARD_TOKEN": TOKEN})
+    try:
+        images = [quantised(2, seed=i) for i in range(8)]
+        prompts = ["a red", "a blue"]
+        body = [json.dumps({"images": encode_images(im), "prompts": prompts}).encode() for im in images]
+        start = threading.Barrier(8)
+        replies: list = [None] * 8
+
+        def client(i):
+            req = urllib.request.Request(server.url + "/score", data=body[i], method="POST",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+            start.wait()
+            with urllib.request.urlopen(req, timeout=60) as r:
+                replies[i] = json.loads(r.read())
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        local = build_reward("toy_color")
+        for im, rep in zip(images, replies):
+            assert rep["scores"] == local(im, prompts, None).tolist() and rep["reward"] == "toy_color"
+        assert max(rep["timing"]["batch_requests"] for rep in replies) == 8  # all 8 in one model batch
+        req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            m = json.loads(r.read())
+        assert m["requests"] == 8 and m["images"] == 16 and m["batches"] == 1 and m["max_batch_requests"] == 8
+        assert m["mean_batch_images"] == 16 and m["model_s"] > 0 and m["errors"] == {}
+        with pytest.raises(urllib.error.HTTPError) as e:  # metrics need the token
+            urllib.request.urlopen(server.url + "/metrics", timeout=10)
+        assert e.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as e:  # unknown paths: a JSON error
+            urllib.request.urlopen(server.url + "/nope", timeout=10)
+        assert e.value.code == 404 and "use GET /health" in json.loads(e.value.read())["error"]
+    finally:
+        server.stop()
+
+
+def test_server_refuses_a_body_over_the_limit_before_reading_it(toy_server):
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(toy_server.url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  f"Content-Length: {300 << 20}\r\n\r\n".encode())  # 300 MiB announced, none sent
+        chunks = []
+        while chunk := s.recv(4096):
+            chunks.append(chunk)
+    reply = b"".join(chunks).decode()
+    assert reply.startswith("HTTP/1.1 413") and "exceeds" in reply
+
+
+def test_server_without_the_serve_extra_is_one_line(monkeypatch, capsys):
+    from fastflow.rewards import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--reward", "toy_color", "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("fastflow.rewards.serve: the reward server needs the serve extra: pip install 'fastflow[serve]'")
+
+
+# ------------------------------------------------------------------------------ the authors' protocol
+
+class AuthorsStandIn:
+    """A loopback stand-in for the authors' GenEval server (POST / with pickle in and out): scores
+    each JPEG by its mean red, strict = red > 0.5, and answers 500 with a traceback on bad input.
+    ``reply`` overrides the pickled reply (to send what a hostile server would)."""
+
+    def __init__(self, reply: bytes | None = None):
+        import http.server
+        import pickle
+
+        import numpy as np
+        from PIL import Image
+
+        from fastflow.rewards.flow_grpo_server import loads_plain
+
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                data = loads_plain(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(data)
+                try:
+                    reds = []
+                    for jpeg in data["images"]:
+                        with Image.open(io.BytesIO(jpeg), formats=["jpeg"]) as im:
+                            reds.append(float(np.asarray(im.convert("RGB"))[..., 0].mean()) / 255)
+                    tags = [m["tag"] for m in data["meta_datas"]]
+                    _ = [m["prompt"] for m in data["meta_datas"]]  # the authors' server reads it
+                    body = pickle.dumps({"scores": reds, "rewards": [0.0] * len(reds),
+                                         "strict_rewards": [float(r > 0.5) for r in reds],
+                                         "group_rewards": {t: [1.0] for t in tags},
+                                         "group_strict_rewards": {t: [1.0] for t in tags}})
+                    status = 200
+                except Exception:
+                    import traceback
+                    body, status = traceback.format_exc().encode(), 500
+                if outer.reply is not None and status == 200:
+                    body = outer.reply
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.reply = reply
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _red_images():
+    images = torch.zeros(3, 3, 16, 16)
+    images[0, 0] = 1.0   # red
+    images[1, 0] = 0.25  # dark red
+    images[2, 2] = 1.0   # blue
+    return images
+
+
+def test_authors_protocol_client_against_a_loopback_stand_in():
+    from fastflow.rewards.flow_grpo_server import FlowGrpoServerReward
+
+    server = AuthorsStandIn()
+    try:
+        meta = [{"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}]}] * 3
+        prompts = ["a photo of a red apple", "a photo of a dark apple", "a photo of a blue apple"]
+        dense = FlowGrpoServerReward(url=server.url, batch_size=2)(_red_images(), prompts, meta)
+        assert dense.dtype == torch.float32 and dense.shape == (3,)
+        assert dense[0] > 0.95 and 0.2 < dense[1] < 0.3 and dense[2] < 0.05  # JPEG's rounding, not exact
+        assert len(server.requests) == 2 and [len(r["images"]) for r in server.requests] == [2, 1]
+        first = server.requests[0]
+        assert first["only_strict"] is True and all(isinstance(b, bytes) and b[:2] == b"\xff\xd8" for b in first["images"])
+        assert [m["prompt"] for m in first["meta_datas"]] == prompts[:2]  # put back for the server
+        assert first["meta_datas"][0]["include"] == meta[0]["include"]
+        strict = FlowGrpoServerReward(url=server.url, score="strict_rewards")(_red_images(), prompts, meta)
+        assert strict.tolist() == [1.0, 0.0, 0.0]
+        with pytest.raises(RemoteRewardError, match=r"no answer within the deadline of 1 s .*"
+                                                    r"last error: HTTP 500: KeyError: 'tag'"):
+            FlowGrpoServerReward(url=server.url, deadline=1.0, backoff=0.05)(_red_images()[:1], ["x"], [{}])
+    finally:
+        server.close()
+
+
+class _Hostile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_authors_protocol_client_never_unpickles_objects(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from fastflow.rewards.flow_grpo_server import FlowGrpoServerReward, UnsafePickleError, loads_plain
+
+    marker = tmp_path / "pwned"
+    hostile = pickle.dumps({"scores": [_Hostile(str(marker))]})
+    assert loads_plain(pickle.dumps({"a": [1, 2.5, "x", b"y", None, True, (1,), {3}, frozenset()]})) == \
+        {"a": [1, 2.5, "x", b"y", None, True, (1,), {3}, frozenset()]}
+    for bad, named in [(hostile, "posix.mkdir"), (pickle.dumps({"scores": [np.float64(0.5)]}), "numpy"),
+                       (pickle.dumps(torch.zeros(1)), "torch")]:
+        with pytest.raises(UnsafePickleError, match=f"names {named}"):
+            loads_plain(bad)
+    assert not marker.exists()
+    server = AuthorsStandIn(reply=hostile)
+    try:
+        client = FlowGrpoServerReward(url=server.url, deadline=30)
+        with pytest.raises(RemoteRewardError, match=r"reply refused: the reply names posix.mkdir; only plain "
+                                                    r"containers, numbers, strings and bytes") as e:
+            client(_red_images()[:1], ["a red apple"], [{"tag": "colors"}])
+        assert "\n" not in str(e.value) and len(server.requests) == 1  # refused, not retried
+        assert not marker.exists()  # nothing of the reply ran
+        server.reply = pickle.dumps({"scores": ["high"]})
+        with pytest.raises(RemoteRewardError, match=r"expected 1 numbers under 'scores'"):
+            client(_red_images()[:1], ["a red apple"], [{"tag": "colors"}])
+    finally:
+        server.close()
+
+
+def test_authors_protocol_client_options_are_checked():
+    from fastflow.rewards.flow_grpo_server import FlowGrpoServerReward
+
+    with pytest.raises(ValueError, match="option url must be http"):
+        FlowGrpoServerReward(url="127.0.0.1:18085")
+    with pytest.raises(ValueError, match="option score for protocol geneval must be one of scores, "
+                                         "strict_rewards, rewards, got 'accuracy'"):
+        FlowGrpoServerReward(score="accuracy")
+    with pytest.raises(ValueError, match="option protocol must be one of geneval, deqa"):
+        FlowGrpoServerReward(protocol="llava")
+    assert FlowGrpoServerReward(protocol="deqa").score == "outputs"
+
+
+def test_serve_bench_measures_the_three_modes():
+    from fastflow.rewards.serve_bench import bench
+
+    rows = bench("toy_color", ["--device", "cpu", "--batch-wait-ms", "500"], clients=4, requests=1, images=2,
+                 size=8, warmup=0)
+    assert [r["mode"] for r in rows] == ["sequential", "concurrent", "batched"]
+    assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["mean_batch_images"] == rows[1]["mean_batch_images"] == 2  # one request per model call
+    assert rows[2]["mean_batch_images"] > 2  # the four clients' requests merged
