@@ -201,10 +201,11 @@ class DataConfig:
     """Prompt files. Relative paths are read from the working directory."""
 
     train_prompts: str = opt("", "Training prompt file (.txt: one prompt a line, lines starting with # are "
-                                 "comments; .jsonl: objects with a \"prompt\" key plus metadata); \"\" = "
-                                 "the model's built-in list.")
-    eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl); \"\" = the model's "
-                                "built-in list.")
+                                 "comments; .jsonl: objects with a \"prompt\" key plus metadata), or a "
+                                 "published prompt set as SET:FILE (e.g. pickscore:train.txt, after python -m "
+                                 "fastflow.data fetch pickscore); \"\" = the model's built-in list.")
+    eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl) or prompt set (SET:FILE, e.g. "
+                                "pickscore:test.txt); \"\" = the model's built-in list.")
     prompt_cache: str = opt("", "Diffusers models: folder of the on-disk prompt-embedding cache, keyed by model, "
                                 "encoder settings and prompt list (reused by later runs); \"\" = "
                                 "$FASTFLOW_CACHE or ~/.cache/fastflow; \"off\" = no disk cache.")
@@ -940,12 +941,17 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
             return lambda prompt: color_word(prompt.text)
         return None
 
+    from fastflow import prompt_sets
+
     for key in ("train_prompts", "eval_prompts"):
         p = getattr(cfg.data, key)
         if p:
             need(Path(p).suffix in (".txt", ".jsonl"), f"data.{key} must be a .txt or .jsonl file, got {_show(p, 300)}")
-            # ~ expanded as fastflow.data.load_prompts does when the trainer opens the file.
-            need(Path(p).expanduser().is_file(), f"data.{key} file not found: {_show(p, 300)}")
+            try:  # a fetched prompt set (SET:FILE, verified against its pin) or a path (~ expanded)
+                where = prompt_sets.resolve(p)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config: data.{key}: {e}") from None
+            need(where.is_file(), f"data.{key} file not found: {_show(p, 300)}")
             try:  # a text file: cheap to read now, so a bad one never reaches the launched ranks
                 load_prompts(p, check=prompt_check(key.split("_")[0]))
             except ValueError as e:

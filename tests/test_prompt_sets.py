@@ -229,3 +229,17 @@ def test_paper_configs_name_the_authors_sets(name):
     assert train is not None and test is not None, (cfg.data.train_prompts, cfg.data.eval_prompts)
     assert train.set == test.set == PAPER[name]
     assert train.name.startswith("train") and test.name.startswith("test")
+
+
+def test_a_config_names_a_fetched_set_and_validates(fake_set, cache):
+    """The paper launch line works after one fetch: validate() resolves SET:FILE from the cache
+    (and refuses it, in one line naming the fetch command, before the fetch)."""
+    from fastflow.config import ConfigError, load_config, validate
+
+    cfg = load_config(None, ["--model.kind", "sd3", "--reward.weights", "{toy_color=1.0}",
+                             "--data.train_prompts", "toyset:train.txt", "--data.eval_prompts", "toyset:train.txt"])
+    with pytest.raises(ConfigError, match="fetch toyset"):
+        validate(cfg)
+    mirror, _ = fake_set
+    fetch_sets(["toyset"], mirror.url, say=lambda line: None)
+    validate(cfg)

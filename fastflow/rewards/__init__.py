@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "ocr": "fastflow.rewards.ocr:OcrReward",
     "geneval": "fastflow.rewards.geneval:GenEvalReward",
     "remote": "fastflow.rewards.remote:RemoteReward",
+    "flow_grpo_server": "fastflow.rewards.flow_grpo_server:FlowGrpoServerReward",
 }
 
 
