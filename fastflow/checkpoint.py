@@ -6,12 +6,14 @@ renamed). Layout of ``<run>/checkpoints/iter-000020/`` for a single-process run:
 
     trainable.safetensors   the trainable weights by their Policy names
     ema.safetensors         their EMA (when enabled)
+    old_policy.safetensors  DiffusionNFT's old (sampling) policy (train.algorithm nft)
     optimizer.pt            optimizer state by parameter name (torch.save; loaded with weights_only=True)
     state.json              iteration, optimizer steps, EMA steps
 
 and for a run over several ranks (torch.distributed.checkpoint, every rank writes its shards):
 
-    sharded/                .metadata + one __R_0.distcp file per rank: trainable, optimizer, ema
+    sharded/                .metadata + one __R_0.distcp file per rank: trainable, optimizer, ema,
+                            old_policy
     state.json              as above, plus the world size that wrote it
 """
 
@@ -47,7 +49,7 @@ def checkpoint_dir(run_dir: Path, iteration: int) -> Path:
 
 def save_checkpoint(run_dir: Path, iteration: int, *, trainable: dict[str, torch.Tensor],
                     optimizer_state: dict, state: dict, ema: dict[str, torch.Tensor] | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, old_policy: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint for ``iteration`` atomically; prune to the ``keep`` newest."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,8 @@ def save_checkpoint(run_dir: Path, iteration: int, *, trainable: dict[str, torch
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    if old_policy is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in old_policy.items()}, tmp / "old_policy.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=2))
     for f in tmp.iterdir():
@@ -112,9 +116,9 @@ def check_checkpoint(path: Path) -> None:
         raise ValueError(f"checkpoint {path}: state.json unreadable ({e})") from None
     if is_sharded_checkpoint(path):
         return
-    for name in ("trainable.safetensors", "ema.safetensors"):
+    for name in ("trainable.safetensors", "ema.safetensors", "old_policy.safetensors"):
         f = path / name
-        if name == "ema.safetensors" and not f.exists():
+        if name != "trainable.safetensors" and not f.exists():
             continue
         try:
             with safe_open(str(f), framework="pt"):
@@ -127,7 +131,7 @@ def check_checkpoint(path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Returns {"trainable", "ema" (or None), "optimizer", "state"}."""
+    """Returns {"trainable", "ema" (or None), "old_policy" (or None), "optimizer", "state"}."""
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"not a complete fastflow checkpoint: {path}")
@@ -135,6 +139,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return {
         "trainable": load_file(path / "trainable.safetensors", device=str(map_location)),
         "ema": load_file(ema_file, device=str(map_location)) if ema_file.is_file() else None,
+        "old_policy": (load_file(path / "old_policy.safetensors", device=str(map_location))
+                       if (path / "old_policy.safetensors").is_file() else None),
         "optimizer": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
     }
@@ -258,7 +264,7 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 def save_sharded_checkpoint(run_dir: Path, iteration: int, info, *, trainable: dict[str, torch.Tensor],
                             optimizer_state: dict, state: dict, ema: dict[str, torch.Tensor] | None = None,
-                            keep: int = 2) -> Path:
+                            keep: int = 2, old_policy: dict[str, torch.Tensor] | None = None) -> Path:
     """Every rank writes its shards with torch.distributed.checkpoint into a hidden folder; rank 0
     then adds state.json and renames the folder into place (atomic, like ``save_checkpoint``).
 
@@ -280,6 +286,8 @@ def save_sharded_checkpoint(run_dir: Path, iteration: int, info, *, trainable: d
     sd = {"trainable": {k: v.detach() for k, v in trainable.items()}, "optimizer": optimizer_state}
     if ema is not None:
         sd["ema"] = dict(ema)
+    if old_policy is not None:
+        sd["old_policy"] = dict(old_policy)
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp / _SHARDED), sync_files=True))
     barrier(info)  # every rank's files are complete before the folder becomes visible
     if info.is_main:
@@ -316,7 +324,8 @@ def load_sharded_weights(path: Path, params: dict[str, torch.Tensor]) -> tuple[d
 
 
 def load_sharded_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                            ema: dict[str, torch.Tensor] | None = None) -> dict:
+                            ema: dict[str, torch.Tensor] | None = None,
+                            old_policy: dict[str, torch.Tensor] | None = None) -> dict:
     """Load a sharded checkpoint IN PLACE into ``trainable``, ``optimizer_state`` (a template from
     ``optimizer_state_by_name``) and ``ema``, at any world size (resharded on read; also without a
     process group). Returns state.json."""
@@ -328,6 +337,8 @@ def load_sharded_checkpoint(path: Path, *, trainable: dict[str, torch.Tensor], o
     sd = {"trainable": {k: v.detach() for k, v in trainable.items()}, "optimizer": optimizer_state}
     if ema is not None:
         sd["ema"] = ema
+    if old_policy is not None:
+        sd["old_policy"] = old_policy
     try:
         dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path / _SHARDED)))
     except Exception as e:  # DCP reports a mismatch as a long multi-rank trace; keep the cause

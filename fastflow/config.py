@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser under its backport n
     import tomli as tomllib  # type: ignore[no-redef]
 
 from fastflow import models as _models
+from fastflow import objectives as _objectives
 
 
 class ConfigError(ValueError):
@@ -124,8 +125,10 @@ class SampleConfig:
                                      "to its guidance embedding).")
     noise_level: float = opt(0.7, "SDE noise level a: sde in (0, 2] (std_t = a sqrt(t / (1 - t)); SD3.5 0.7, "
                                   "FLUX 0.9, Qwen-Image 1.2), cps in (0, 1].")
-    kind: str = opt("sde", "Stochastic step: sde (Flow-GRPO) or cps (coefficient-preserving).",
-                    choices=("sde", "cps"))
+    kind: str = opt("sde", "Stochastic step: sde (Flow-GRPO) or cps (coefficient-preserving); ode = the "
+                           "deterministic sampler, for train.algorithm nft / awm only (clean images, no "
+                           "log-probs; then sample.shared_initial_noise must be false).",
+                    choices=("sde", "cps", "ode"))
     group_size: int = opt(8, "Images per prompt G (one GRPO group); >= 2.")
     prompts_per_iter: int = opt(12, "Prompts per iteration over all ranks; images per iteration = "
                                     "prompts_per_iter * group_size.")
@@ -162,7 +165,7 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    """The GRPO update: optimizer, batching, loss terms, EMA."""
+    """The update: optimizer, batching, loss terms, EMA, and the algorithm (Flow-GRPO by default)."""
 
     optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes).", choices=("adamw", "adamw8bit"))
     lr: float = opt(1e-3, "Learning rate (> 0): the peak of the schedule.")
@@ -194,6 +197,28 @@ class TrainConfig:
     ema: bool = opt(True, "Keep an EMA of the trainable weights, used for evaluation and checkpoints.")
     ema_decay: float = opt(0.9, "EMA decay, in [0, 1).")
     ema_every: int = opt(1, "Update the EMA every this many optimizer steps.")
+    # The algorithm (docs/algorithms.md). grpo: the settings above; nft / awm: flow matching on
+    # the forward process of each rollout's clean images (beta, adv_clip, clip_range (awm),
+    # global_std, optimizer and EMA settings apply; timestep_fraction does not).
+    algorithm: str = opt("grpo", "grpo (Flow-GRPO), nft (DiffusionNFT: negative-aware flow matching with an "
+                                 "old sampling policy) or awm (Advantage Weighted Matching).",
+                         choices=_objectives.ALGORITHMS)
+    guard: bool = opt(False, "GRPO-Guard (algorithm grpo, sample.kind sde): the regulated ratio s (log p - "
+                             "log p_old) + |mu - mu_old|^2 / (2 s), s the transition std, instead of the "
+                             "plain log-ratio: no negative bias, each step's gradient scaled by s.")
+    nft_beta: float = opt(1.0, "DiffusionNFT's beta (> 0): the implicit policies v+- = v_old +- beta (v - "
+                               "v_old); the published configs use 1.0 (GenEval, PickScore) and 0.1 (OCR).")
+    old_decay_rate: float = opt(0.001, "nft: the old policy's EMA decay rises by this much per optimizer step "
+                                       "(>= 0), old <- decay old + (1 - decay) current after each iteration.")
+    old_decay_max: float = opt(0.5, "nft: the old policy's decay stops rising at this value, in [0, 1) (the "
+                                    "published schedules: 0.5 with rate 0.001, 0.999 with rate 0.0075).")
+    old_decay_flat: int = opt(0, "nft: the old policy's decay is 0 (old = current) for this many optimizer "
+                                 "steps (>= 0; the published OCR schedule: 75).")
+    fm_timesteps: int = opt(0, "nft / awm: training times per image per iteration, drawn without repeats "
+                               "from the rollout grid's sigma_1 .. sigma_T (0 = all T = sample.train_steps, "
+                               "as the published configs).")
+    awm_weighting: str = opt("uniform", "awm: the flow-matching log-likelihood's time weighting, uniform "
+                                        "(-|v - (eps - x0)|^2) or t (times t).", choices=("uniform", "t"))
 
 
 @dataclass
@@ -831,6 +856,22 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(train.inner_epochs >= 1, f"train.inner_epochs ({train.inner_epochs}) must be >= 1")
     need(0 <= train.ema_decay < 1, f"train.ema_decay ({train.ema_decay}) must be in [0, 1)")
     need(train.ema_every >= 1, f"train.ema_every ({train.ema_every}) must be >= 1")
+    fm = train.algorithm in ("nft", "awm")
+    need(not train.guard or (train.algorithm == "grpo" and sample.kind == "sde"),
+         f"train.guard needs train.algorithm grpo and sample.kind sde (got {train.algorithm}, {sample.kind})")
+    need(sample.kind != "ode" or fm,
+         f"sample.kind ode records no log-probs: train.algorithm {train.algorithm} needs sde or cps "
+         f"(ode is for nft / awm)")
+    need(not (fm and sample.kind == "ode" and sample.shared_initial_noise),
+         "sample.kind ode with sample.shared_initial_noise would make every image of a group identical "
+         "(no reward spread); set sample.shared_initial_noise = false")
+    need(train.nft_beta > 0, f"train.nft_beta ({train.nft_beta}) must be > 0")
+    need(train.old_decay_rate >= 0, f"train.old_decay_rate ({train.old_decay_rate}) must be >= 0")
+    need(0 <= train.old_decay_max < 1, f"train.old_decay_max ({train.old_decay_max}) must be in [0, 1)")
+    need(train.old_decay_flat >= 0, f"train.old_decay_flat ({train.old_decay_flat}) must be >= 0")
+    need(0 <= train.fm_timesteps <= sample.train_steps,
+         f"train.fm_timesteps ({train.fm_timesteps}) must be in [0, sample.train_steps "
+         f"({sample.train_steps})] (0 = all)")
     if train.optimizer == "adamw8bit":
         need(importlib.util.find_spec("bitsandbytes") is not None,
              "train.optimizer adamw8bit needs the bitsandbytes package (pip install 'fastflow[bnb]')")
@@ -866,7 +907,8 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     # cps injects no noise on the last step (std = sigma_next * sin(.) = 0): its KL is undefined.
     window_reaches_end = (not sample.window_size or sample.window_start == -1
                           or sample.window_start + sample.window_size == sample.train_steps)
-    need(not (sample.kind == "cps" and train.beta > 0 and trained == k and window_reaches_end),
+    need(not (sample.kind == "cps" and train.algorithm == "grpo" and train.beta > 0 and trained == k
+                  and window_reaches_end),
          f"train.timestep_fraction ({train.timestep_fraction}) trains the last step, where sample.kind "
          f"cps has no noise and the KL (train.beta {train.beta}) is undefined: train fewer steps "
          f"(e.g. train.timestep_fraction 0.99)")

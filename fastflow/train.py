@@ -51,12 +51,13 @@ from fastflow.graphs import GraphedSampler
 from fastflow.grpo import group_advantages, group_stats
 from fastflow.metrics import MetricsLogger, check_wandb, headline, plot_curves
 from fastflow.models import build_policy
+from fastflow.objectives import FLOW_MATCHING, awm, forward as fm_forward, guard, nft
 from fastflow.prompt_sampler import PromptSampler
 from fastflow.rewards import WeightedReward
 from fastflow.rewards.async_pool import AsyncReward
 from fastflow.rewards.remote import check_served_rewards
 from fastflow.models.prompt_cache import default_cache_dir
-from fastflow.rollout import Trajectory, recompute_step, sample, sde_window
+from fastflow.rollout import Trajectory, index_cond, recompute_step, sample, sde_window
 from fastflow.runtime import forward_context
 
 log = logging.getLogger("fastflow.train")
@@ -77,7 +78,7 @@ def generator(*parts: int) -> torch.Generator:
 
 
 # Stream ids keep the uses of (seed, iteration) apart.
-_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL, _GROUP_NOISE = 1, 2, 3, 4, 5, 6
+_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL, _GROUP_NOISE, _FM = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass
@@ -120,6 +121,8 @@ class Trainer:
             raise ValueError("the policy has no trainable parameters")
         self.optimizer = build_optimizer(cfg, list(self.params.values()))
         self.ema = EMA(self.params, cfg.train.ema_decay, cfg.train.ema_every) if cfg.train.ema else None
+        # DiffusionNFT's old (sampling) policy: rollouts and v_old use it (docs/algorithms.md)
+        self.old_policy = nft.OldPolicy(self.params) if cfg.train.algorithm == "nft" else None
         self.reward = WeightedReward(cfg.reward.weights, cfg.reward.device or str(self.device), cfg.reward.options)
         self.reward_pool = AsyncReward(self.reward)  # scores batch k while batch k+1 samples
         self.prompt_sampler = PromptSampler(
@@ -246,7 +249,8 @@ class Trainer:
         if is_sharded_checkpoint(path):  # written by several ranks; read at any world size
             opt_state = optimizer_state_by_name(self.optimizer, self.params)
             ema = self.ema.state_dict() if self.ema is not None else None
-            st = load_sharded_checkpoint(path, trainable=self.params, optimizer_state=opt_state, ema=ema)
+            st = load_sharded_checkpoint(path, trainable=self.params, optimizer_state=opt_state, ema=ema,
+                                         old_policy=self.old_policy.state_dict() if self.old_policy else None)
             load_optimizer_state_by_name(self.optimizer, self.params, opt_state)
             if ema is not None:
                 self.ema.optimizer_steps = int(st.get("ema_optimizer_steps", 0))
@@ -265,6 +269,11 @@ class Trainer:
             if self.ema is not None and ck["ema"] is not None:
                 self.ema.load_state_dict({n: _placed_like(self.ema.shadow[n], v) for n, v in ck["ema"].items()
                                           if n in self.ema.shadow}, st.get("ema_optimizer_steps", 0))
+            if self.old_policy is not None:
+                if ck["old_policy"] is None:
+                    raise ValueError(f"checkpoint {path} holds no old policy (train.algorithm nft needs one)")
+                self.old_policy.load_state_dict({n: _placed_like(self.old_policy.shadow[n], v)
+                                                 for n, v in ck["old_policy"].items()})
         self.iteration = int(st["iteration"])
         if "prompt_sampler" in st:
             self.prompt_sampler.load_state_dict(st["prompt_sampler"])
@@ -278,12 +287,13 @@ class Trainer:
         state = {"optimizer_steps": self.optimizer_steps,
                  "ema_optimizer_steps": self.ema.optimizer_steps if self.ema else 0,
                  "prompt_sampler": self.prompt_sampler.state_dict()}
+        old = self.old_policy.state_dict() if self.old_policy is not None else None
         if self.info.enabled:  # every rank writes its shards (DCP), rank 0 commits the folder
             return save_sharded_checkpoint(
                 self.run_dir, self.iteration, self.info, trainable=self.params,
                 optimizer_state=optimizer_state_by_name(self.optimizer, self.params),
                 ema=self.ema.state_dict() if self.ema is not None else None, state=state,
-                keep=self.cfg.checkpoint.keep)
+                keep=self.cfg.checkpoint.keep, old_policy=old)
         if self.info.is_main:
             path = save_checkpoint(
                 self.run_dir, self.iteration,
@@ -291,7 +301,7 @@ class Trainer:
                 optimizer_state=optimizer_state_by_name(self.optimizer, self.params),
                 ema=self.ema.state_dict() if self.ema is not None else None,
                 state=state,
-                keep=self.cfg.checkpoint.keep)
+                keep=self.cfg.checkpoint.keep, old_policy=old)
         return path
 
     # ------------------------------------------------------------------ one iteration
@@ -311,7 +321,8 @@ class Trainer:
             window = sde_window(s.train_steps, s.window_size, start)
 
         trajs, futures, prompts_all = [], [], []
-        with self._sampling():
+        old = self.old_policy.applied() if self.old_policy is not None else contextlib.nullcontext()
+        with old, self._sampling():  # nft: the old policy samples
             for batch in mine.split(s.batch_size):
                 prompts = [self.train_prompts[int(slots[group_of[i]])] for i in batch]
                 texts = [p.text for p in prompts]
@@ -354,12 +365,15 @@ class Trainer:
     def train_on(self, rb: RolloutBatch, adv: Tensor, it: int) -> dict[str, float]:
         cfg, d = self.cfg, self.derived
         s, t = cfg.sample, cfg.train
+        if t.algorithm in FLOW_MATCHING:
+            return self.train_flow_matching(rb, adv, it)
         traj = rb.traj
         k_train = d.trained_timesteps
         stats = StepStats(self.device)  # device-side sums: one host transfer per iteration
         params = list(self.params.values())
         steps_before = self.optimizer_steps
         adv_dev = adv.to(traj.latents.device)  # once: no host-to-device copy per micro-batch
+        old_means = self._guard_old_means(traj) if t.guard and d.optimizer_steps_per_iter > 1 else None
         for epoch in range(t.inner_epochs):
             perm = torch.randperm(traj.batch_size, generator=generator(cfg.run.seed, it, _SHUFFLE, self.info.rank, epoch))
             batches = list(perm.to(traj.latents.device).split(d.train_batch_size))
@@ -374,10 +388,17 @@ class Trainer:
                         with torch.no_grad():
                             v_ref = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale,
                                                    autocast=self.forward, reference=True)
-                    loss, step_stats = ops.grpo_step_loss(
-                        sub.latents[:, j], sub.next_latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
-                        sub.log_probs[:, j], a, noise_level=s.noise_level, clip_range=t.clip_range,
-                        beta=t.beta, velocity_ref=v_ref, kind=s.kind, sigma_guard=sub.sigma_guard)
+                    if t.guard:  # GRPO-Guard's regulated ratio (on-policy: mu_old = mu, detached)
+                        loss, step_stats = guard.guard_step_loss(
+                            sub.latents[:, j], sub.next_latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
+                            sub.log_probs[:, j], a, noise_level=s.noise_level, clip_range=t.clip_range,
+                            old_mean=None if old_means is None else old_means[idx, j], beta=t.beta,
+                            velocity_ref=v_ref, sigma_guard=sub.sigma_guard)
+                    else:
+                        loss, step_stats = ops.grpo_step_loss(
+                            sub.latents[:, j], sub.next_latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
+                            sub.log_probs[:, j], a, noise_level=s.noise_level, clip_range=t.clip_range,
+                            beta=t.beta, velocity_ref=v_ref, kind=s.kind, sigma_guard=sub.sigma_guard)
                     # Always backward, whatever the loss: every rank must run the same collectives
                     # (FSDP reduce-scatters in backward). A non-finite loss poisons this optimizer
                     # step's gradients; optimizer_step then skips the step on every rank together.
@@ -392,6 +413,90 @@ class Trainer:
             log.warning("iteration %d: %d non-finite loss(es); the optimizer steps they fell in were "
                         "skipped on every rank", it, int(out["skipped_steps"]))
         return out
+
+    @torch.no_grad()
+    def _guard_old_means(self, traj: Trajectory) -> Tensor:
+        """GRPO-Guard with several optimizer steps per iteration: every trained step's transition
+        mean under the rollout's weights, ``[B, K, ...]``, computed before the first update."""
+        s, d = self.cfg.sample, self.derived
+        out = torch.empty((traj.batch_size, d.trained_timesteps, *traj.latents.shape[2:]),
+                          dtype=torch.float32, device=traj.latents.device)
+        for idx in torch.arange(traj.batch_size, device=traj.latents.device).split(d.train_batch_size):
+            sub = traj.select(idx)
+            for j in range(d.trained_timesteps):
+                v = recompute_step(self.policy, sub, j, guidance_scale=s.guidance_scale, autocast=self.forward)
+                out[idx, j] = ops.sde_step(sub.latents[:, j], v, sub.sigmas[j], sub.sigmas_next[j],
+                                           noise_level=s.noise_level, kind=s.kind, prev_sample=sub.next_latents[:, j],
+                                           sigma_guard=sub.sigma_guard).mean.float()
+        return out
+
+    def train_flow_matching(self, rb: RolloutBatch, adv: Tensor, it: int) -> dict[str, float]:
+        """DiffusionNFT / AWM (train.algorithm nft / awm; fastflow.objectives): each rollout's
+        clean image is re-noised at ``train.fm_timesteps`` times of the rollout grid with fresh
+        noise, and the CFG-free velocity there is trained with the algorithm's loss; NFT's old
+        policy then follows the trained weights. Micro-batching, accumulation, clipping, the
+        non-finite guard and the EMA are the GRPO path's."""
+        cfg, d = self.cfg, self.derived
+        s, t = cfg.sample, cfg.train
+        traj = rb.traj
+        dev = traj.final.device
+        count = t.fm_timesteps or s.train_steps
+        grid = self.policy.sigmas(s.train_steps)
+        stats = StepStats(self.device)
+        params = list(self.params.values())
+        steps_before = self.optimizer_steps
+        adv_dev = adv.to(dev)
+        # awm with several optimizer steps per iteration: the sampling policy's weights, kept for
+        # its old log-probs (one step: all gradients are taken before it, the old log-prob is exact)
+        sampled = (nft.OldPolicy(self.params) if t.algorithm == "awm" and d.optimizer_steps_per_iter > 1
+                   else None)
+        for epoch in range(t.inner_epochs):
+            g = generator(cfg.run.seed, it, _FM, self.info.rank, epoch)
+            perm = torch.randperm(traj.batch_size, generator=g)
+            batches = list(perm.to(dev).split(d.train_batch_size))
+            for b_i, idx in enumerate(batches):
+                x0, cond, a = traj.final[idx].float(), index_cond(traj.cond, idx), adv_dev[idx]
+                times = fm_forward.training_times(grid, len(idx), count, g).to(dev)  # [b, count]
+                noises = torch.randn((count, *x0.shape), generator=g).to(dev)
+                x_ts = [fm_forward.noised(x0, times[:, k], noises[k]) for k in range(count)]
+                on_policy = self.optimizer_steps == steps_before
+                v_old = [None] * count  # the old / sampling policy's velocities, all at once (before
+                old = self.old_policy if t.algorithm == "nft" else (None if on_policy else sampled)
+                if old is not None:     # any graph exists: its weights are swapped in place)
+                    with torch.no_grad(), old.applied():
+                        v_old = [self._velocity(x_ts[k], times[:, k], cond) for k in range(count)]
+                for k in range(count):
+                    v = self._velocity(x_ts[k], times[:, k], cond)
+                    v_ref = None
+                    if t.beta > 0:
+                        with torch.no_grad(), self.policy.reference():
+                            v_ref = self._velocity(x_ts[k], times[:, k], cond)
+                    if t.algorithm == "nft":
+                        loss, step_stats = nft.nft_loss(v, v_old[k], x_ts[k], x0, times[:, k],
+                                                        nft.optimality(a, t.adv_clip), beta=t.nft_beta,
+                                                        adv_clip=t.adv_clip, v_ref=v_ref, kl_beta=t.beta)
+                    else:  # awm: on-policy old log-prob = the current one, detached (ratio exactly 1)
+                        old_lp = None if v_old[k] is None else awm.awm_log_prob(
+                            v_old[k], noises[k] - x0, times[:, k], t.awm_weighting)
+                        loss, step_stats = awm.awm_loss(v, x0, noises[k], times[:, k], a, clip_range=t.clip_range,
+                                                        old_log_prob=old_lp, weighting=t.awm_weighting,
+                                                        v_ref=v_ref, kl_beta=t.beta)
+                    (loss / (d.grad_accum * count)).backward()  # always: every rank runs the same collectives
+                    stats.add(loss, step_stats, on_policy=on_policy)
+                if (b_i + 1) % d.grad_accum == 0:
+                    self.optimizer_step(params, it, stats)
+        if self.old_policy is not None:  # old <- decay old + (1 - decay) current
+            self.old_policy.step(nft.old_decay(self.optimizer_steps, rate=t.old_decay_rate,
+                                               max_decay=t.old_decay_max, flat=t.old_decay_flat))
+        out = stats.summary()
+        out.update(optimizer_steps=self.optimizer_steps, lr=float(self.optimizer.param_groups[0]["lr"]))
+        return out
+
+    def _velocity(self, x: Tensor, sigma: Tensor, cond) -> Tensor:
+        """The CFG-free (conditional) velocity the flow-matching objectives train, float32."""
+        with self.forward:
+            v = self.policy.velocity(x, sigma, cond, guidance_scale=1.0)
+        return v.float()
 
     def optimizer_step(self, params: list[torch.nn.Parameter], it: int, stats: "StepStats | None" = None) -> bool:
         """Clip, check and apply the accumulated gradients; returns whether the step was taken.

@@ -28,7 +28,8 @@ SPEC_DEFAULTS = {
                   beta1=0.9, beta2=0.999, weight_decay=1e-4, adam_eps=1e-8,
                   batch_size=16, optimizer_steps=1, beta=0.04, clip_range=1e-4, adv_clip=5.0, global_std=True,
                   timestep_fraction=1.0, max_grad_norm=1.0, inner_epochs=1, ema=True, ema_decay=0.9,
-                  ema_every=1),
+                  ema_every=1, algorithm="grpo", guard=False, nft_beta=1.0, old_decay_rate=0.001,
+                  old_decay_max=0.5, old_decay_flat=0, fm_timesteps=0, awm_weighting="uniform"),
     "data": dict(train_prompts="", eval_prompts="", prompt_cache=""),
     "reward": dict(weights={"shapes": 1.0}, options={}, device=""),
     "eval": dict(every=75, seeds=8, min_category_images=96, seed=0, guidance_scale=0.0, batch_size=128, max_prompts=0),
@@ -225,7 +226,7 @@ def test_override_errors(overrides, expected):
     ("run.device", "gpu", "auto, cpu, cuda"),
     ("model.dtype", "fp16", "float32, bfloat16, float16"),
     ("model.finetune", "qlora", "lora, full"),
-    ("sample.kind", "ode", "sde, cps"),
+    ("sample.kind", "euler", "sde, cps, ode"),
     ("train.optimizer", "sgd", "adamw, adamw8bit"),
     ("distributed.strategy", "deepspeed", "auto, none, ddp, fsdp"),
 ])
