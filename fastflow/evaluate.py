@@ -1,23 +1,29 @@
-"""Evaluate a policy on grammar prompts with fixed seeds: strict accuracy per category and overall.
+"""Evaluate any model of a config (or a checkpoint of it) on held-out prompts with fixed seeds.
 
     python -m fastflow.evaluate CONFIG [--checkpoint PATH] [--prompts FILE] [--seeds N] [--steps K]
-                                [--min-category-images M] [--guidance G] [--batch B] --out DIR
+                                [--min-category-images M] [--guidance G] [--batch B]
+                                [--baseline base|PATH] --out DIR
 
-writes DIR/images/*.png (the raw 32 x 32 samples, lossless), DIR/samples.jsonl (prompt, file, seed,
-category, correct, partial), DIR/summary.json and DIR/grid.png (a per-category grid), and prints
-per-category and overall strict accuracy. ``--baseline base`` (or a model file) also evaluates that
-model on the same prompts and seeds and writes DIR/compare.png (before | after, image by image). Without --checkpoint it evaluates the model of CONFIG's
-[model] (for the shapes task: the shipped base model).
+Samples every prompt x its seeds with the ODE at the full step count, exactly the images the
+trainer's own evaluation draws (fastflow.evaluation: the noise of an image is a function of
+eval.seed, the prompt text and the seed index, whatever the prompt order, batch size or world
+size), and scores them as the trainer does: a shapes model by its exact verifier (strict
+accuracy and partial credit), every other model (SD3.5, FLUX, Qwen-Image, klein) by the config's
+``reward.weights`` (the weighted total as ``reward`` and each component by name).
 
-Bad input (an argument out of range, a missing or invalid config, a prompt outside the grammar, a
-prompt file that is not UTF-8, a weights file that is truncated or not safetensors, e.g. a
-pickle) stops it with one line ``evaluate: CAUSE`` on stderr and exit code 2, before any model
-loads.
+Writes DIR/images/*.png (lossless, the model's resolution), DIR/samples.jsonl (one line per image:
+prompt, file, seed, category, every metric), DIR/summary.json (per category, ``overall`` = the
+mean over prompts, ``category_mean``) and DIR/grid.png (a per-category grid; frames green / red
+for the verifier's verdict), and prints the table. ``--baseline base`` (the config's model) or a
+model file / checkpoint also evaluates that model on the same prompts and seeds and writes
+DIR/compare.png (baseline | evaluated, image by image). Without --checkpoint it evaluates the
+config's [model] (for the shapes task: the shipped base model). Categories: a prompt's metadata
+``category`` / ``tag`` (jsonl), else the shapes grammar's, else "all".
 
-The core, :func:`evaluate_policy`, samples with the ODE at the full step count
-(fastflow.rollout.sample, kind="ode"); the noise of each image is a pure function of (prompt text,
-seed index), so two evaluations of the same prompts and seeds (e.g. before / after RL) are directly
-comparable image by image, whatever the prompt order or batch size.
+Bad input (an argument out of range, a missing or invalid config, a prompt outside the grammar of
+a shapes model, a prompt file that is not UTF-8, a weights file that is truncated or not
+safetensors, e.g. a pickle, a served reward that does not answer) stops it with one line
+``evaluate: CAUSE`` on stderr and exit code 2, before any model loads.
 
 A category with few prompts gets more seeds per prompt (``--min-category-images``, default
 ``eval.min_category_images``): the headline is the mean over categories, so each category's
@@ -30,7 +36,6 @@ import argparse
 import contextlib
 import json
 import sys
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ContextManager, Sequence
@@ -38,54 +43,42 @@ from typing import ContextManager, Sequence
 import torch
 from torch import Tensor
 
-from fastflow.rollout import sample
+from fastflow import evaluation
 
 OVERALL = "overall"
+#: Models whose prompts are in the shapes grammar, judged by their own verifier; every other kind is
+#: scored by the config's rewards.
+GRAMMAR_KINDS = ("shapes", "toy")
+CATEGORY_MEAN = "category_mean"
 
-
-def seeds_per_prompt(categories: Sequence[str], seeds: int, min_category_images: int = 0) -> list[int]:
-    """Images per prompt: ``seeds``, raised for the prompts of small categories so that every
-    category gets at least ``min_category_images`` images (0 = plain ``seeds``).
-
-    Why: the headline is the mean of the category accuracies, and its variance is the sum of the
-    categories' variances / (number of categories)^2. On the shapes task's held-out prompts at the
-    base model's accuracies, the standard error of the mean is about 3.0 points with 8 seeds
-    everywhere (504 images; single_object is 1 prompt, 8 images), 2.1 with 16 seeds (1008 images)
-    and 1.6 with 8 seeds and at least 96 images per category (772 images). ``categories``: one
-    entry per prompt. The extra seeds come after the first ``seeds``, so a balanced evaluation
-    contains the plain one's images.
-    """
-    if seeds < 1 or min_category_images < 0:
-        raise ValueError(f"seeds must be >= 1 and min_category_images >= 0, got {seeds}, {min_category_images}")
-    size: dict[str, int] = {}
-    for c in categories:
-        size[c] = size.get(c, 0) + 1
-    return [max(seeds, -(-min_category_images // size[c])) for c in categories]
-
-
-def image_seed(prompt: str, index: int) -> int:
-    """The fixed noise seed of image ``index`` of ``prompt`` (stable across runs and platforms)."""
-    return zlib.crc32(f"{prompt}\x00{index}".encode()) & 0x7FFFFFFF
+#: kept importable from here
+image_seed = evaluation.image_seed
+seeds_per_prompt = evaluation.seeds_per_prompt
 
 
 @dataclass
 class EvalRecord:
-    """One evaluated image."""
+    """One evaluated image: its prompt, seed and every metric it was scored with. ``correct`` and
+    ``partial`` are the strict verdict and partial credit of a policy with its own verifier (the
+    shapes task); None for a policy scored by rewards."""
 
     prompt: str
     seed_index: int
     seed: int
     category: str
-    correct: bool
-    partial: float
+    correct: bool | None
+    partial: float | None
     image: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class EvalResults:
-    """Per-image records and the strict accuracy per category; ``accuracy[OVERALL]`` is the mean of
-    the category accuracies (GenEval's overall score), ``image_accuracy`` the mean over prompts of
-    each prompt's accuracy (= the mean over images when every prompt has the same seed count)."""
+    """Per-image records and their means. Three summaries, as the trainer logs them: per category
+    (the plain mean of its images), ``overall`` (the mean over prompts of each prompt's mean: = the
+    mean over images when every prompt has the same seed count) and the category mean (GenEval's
+    headline). ``accuracy`` (strict correctness, shapes) keeps its historical keys: per category,
+    and ``accuracy[OVERALL]`` the category mean; ``image_accuracy`` is the mean over prompts."""
 
     records: list[EvalRecord] = field(default_factory=list)
 
@@ -98,96 +91,151 @@ class EvalResults:
         return seen
 
     @property
-    def accuracy(self) -> dict[str, float]:
-        out = {}
+    def metric_names(self) -> list[str]:
+        names: list[str] = []
+        for r in self.records:
+            names += [k for k in r.metrics if k not in names]
+        return names
+
+    def means(self, metric: str) -> dict[str, float]:
+        """``metric`` per category, ``overall`` (mean over prompts) and ``category_mean``."""
+        out: dict[str, float] = {}
         for c in self.categories:
-            rs = [r.correct for r in self.records if r.category == c]
-            out[c] = sum(rs) / len(rs)
-        if out:
-            out[OVERALL] = sum(out.values()) / len(out)
+            vals = [r.metrics[metric] for r in self.records if r.category == c and metric in r.metrics]
+            if vals:
+                out[c] = sum(vals) / len(vals)
+        per_prompt: dict[str, list[float]] = {}
+        for r in self.records:
+            if metric in r.metrics:
+                per_prompt.setdefault(r.prompt, []).append(r.metrics[metric])
+        cats = list(out)
+        if per_prompt:
+            out[OVERALL] = sum(sum(v) / len(v) for v in per_prompt.values()) / len(per_prompt)
+            out[CATEGORY_MEAN] = sum(out[c] for c in cats) / len(cats)
         return out
 
     @property
+    def accuracy(self) -> dict[str, float]:
+        m = self.means(evaluation.STRICT)
+        overall = m.pop(CATEGORY_MEAN, None)
+        m.pop(OVERALL, None)
+        if overall is not None:
+            m[OVERALL] = overall
+        return m
+
+    @property
     def image_accuracy(self) -> float:
-        per_prompt: dict[str, list[bool]] = {}
-        for r in self.records:
-            per_prompt.setdefault(r.prompt, []).append(r.correct)
-        if not per_prompt:
-            return 0.0
-        return sum(sum(v) / len(v) for v in per_prompt.values()) / len(per_prompt)
+        return self.means(evaluation.STRICT).get(OVERALL, 0.0)
+
+    def summary(self) -> dict:
+        """What summary.json holds: every metric's means, and the strict accuracy's historical keys."""
+        out: dict = {"images": len(self.records), "prompts": len({r.prompt for r in self.records}),
+                     "metrics": {k: self.means(k) for k in self.metric_names}}
+        if evaluation.STRICT in self.metric_names:
+            out["accuracy"], out["image_accuracy"] = self.accuracy, self.image_accuracy
+        return out
 
     def table(self) -> str:
-        """A printable per-category table."""
-        acc = self.accuracy
-        lines = [f"{'category':<16} {'images':>6} {'strict acc':>10}"]
+        """A printable table: one row per category, one column per metric (strict accuracy first)."""
+        names = sorted(self.metric_names, key=lambda k: (k != evaluation.STRICT, k))
+        means = {k: self.means(k) for k in names}
+        width = max([16] + [len(c) + 1 for c in self.categories])
+        head = f"{'category':<{width}} {'images':>6}" + "".join(f" {k[:14]:>14}" for k in names)
+        lines = [head]
         for c in self.categories:
             n = sum(r.category == c for r in self.records)
-            lines.append(f"{c:<16} {n:>6} {acc[c]:>10.3f}")
-        lines.append(f"{OVERALL:<16} {len(self.records):>6} {acc.get(OVERALL, 0.0):>10.3f}"
-                     f"   (per image: {self.image_accuracy:.3f})")
+            lines.append(f"{c:<{width}} {n:>6}" + "".join(f" {means[k].get(c, float('nan')):>14.4f}" for k in names))
+        for row in (CATEGORY_MEAN, OVERALL):
+            label = row if row == CATEGORY_MEAN else "overall/prompt"
+            n = len(self.records) if row == OVERALL else len(self.categories)
+            lines.append(f"{label:<{width}} {n:>6}" + "".join(f" {means[k].get(row, float('nan')):>14.4f}" for k in names))
         return "\n".join(lines)
 
 
-def _judge(policy, images: Tensor, texts: list[str]) -> tuple[list[bool], list[float]]:
-    if hasattr(policy, "eval_metrics"):
-        m = policy.eval_metrics(images, texts, [{} for _ in texts])
-        strict = [bool(x) for x in m["accuracy"].tolist()]
-        partial = [float(x) for x in m.get("partial", m["accuracy"]).tolist()]
-        return strict, partial
-    from fastflow.shapes import verifier  # the shapes verifier judges any grammar prompt
-    conds = verifier.judge(images, texts)
-    return [all(c) for c in conds], [sum(c) / len(c) for c in conds]
+class _Verifier:
+    """The shapes verifier as ``eval_metrics``: the judge of a policy that has no metric of its own
+    and no rewards to be scored by (the toy model, test oracles drawing grammar scenes)."""
+
+    @staticmethod
+    def eval_metrics(images, texts, metas):
+        from fastflow.shapes import verifier
+        conds = verifier.judge(images, texts)
+        return {evaluation.STRICT: torch.tensor([float(all(c)) for c in conds]),
+                "partial": torch.tensor([sum(c) / len(c) for c in conds])}
 
 
-def _category(policy, text: str) -> str:
+def _category(policy, judge, text: str, meta: dict) -> str:
+    """A prompt's category: its metadata's ``category`` / ``tag``, else the policy's, else the shapes
+    grammar's for a verifier-judged policy (which also rejects a prompt outside the grammar), else
+    "all" (as the trainer names it)."""
+    cat = meta.get("category") or meta.get("tag")
+    if cat:
+        return str(cat)
     if hasattr(policy, "prompt_category"):
         return policy.prompt_category(text)
-    from fastflow.shapes.world import category_of
-    return category_of(text)
+    if isinstance(judge, _Verifier) or judge is policy:
+        from fastflow.shapes.world import category_of
+        return category_of(text)
+    return "all"
 
 
 @torch.no_grad()
-def evaluate_policy(policy, prompts: Sequence[str], seeds: int, steps: int, guidance_scale: float, *,
-                    batch_size: int = 64, autocast: ContextManager | None = None, device=None,
-                    keep_images: bool = False, min_category_images: int = 0) -> EvalResults:
-    """ODE samples of every prompt x its seeds (fixed noise, see image_seed), judged strictly.
+def evaluate_policy(policy, prompts: Sequence, seeds: int, steps: int, guidance_scale: float, *,
+                    reward=None, base_seed: int = 0, batch_size: int = 64,
+                    autocast: ContextManager | None = None, device=None, keep_images: bool = False,
+                    min_category_images: int = 0, progress: bool = False) -> EvalResults:
+    """ODE samples of every prompt x its seeds (fixed noise: fastflow.evaluation.image_seed), scored
+    by the policy's own metric (the shapes verifier) or by ``reward`` (a WeightedReward).
 
-    prompts: grammar prompt texts; seeds: images per prompt (>= 4 recommended: 252 images give
-    about +-3 points); min_category_images: more seeds for the prompts of small categories
-    (seeds_per_prompt); steps: the full ODE step count; keep_images: keep each image ([3, H, W] in
-    [0, 1], CPU) on its record, for grids and files.
+    prompts: texts or fastflow.data.Prompt (a prompt's metadata ``category`` / ``tag`` names its
+    category; else the policy's, else "all"); seeds: images per prompt; min_category_images: more
+    seeds for the prompts of small categories (seeds_per_prompt); steps: the full ODE step count;
+    base_seed: eval.seed; keep_images: keep each image ([3, H, W] in [0, 1], CPU) on its record;
+    progress: a progress bar over the images (stderr).
     """
     if seeds < 1 or steps < 1 or batch_size < 1:
         raise ValueError(f"evaluate: seeds, steps and batch_size must be >= 1, got {seeds}, {steps}, {batch_size}")
     texts = [p if isinstance(p, str) else p.text for p in prompts]
+    metas = [{} if isinstance(p, str) else dict(p.metadata) for p in prompts]
     if not texts:
         raise ValueError("evaluate: no prompts")
-    cats = {t: _category(policy, t) for t in texts}  # also rejects prompts outside the grammar early
-    counts = seeds_per_prompt([cats[t] for t in texts], seeds, min_category_images)
-    pairs = [(t, j) for t, n in zip(texts, counts) for j in range(n)]
+    judge = policy if hasattr(policy, "eval_metrics") else (None if reward is not None else _Verifier())
+    cats = [_category(policy, judge, t, m) for t, m in zip(texts, metas)]  # bad prompts fail here, early
+    counts = seeds_per_prompt(cats, seeds, min_category_images)
+    pairs, _ = evaluation.rank_pairs(counts)
     results = EvalResults()
     sampling = policy.sampling() if hasattr(policy, "sampling") else contextlib.nullcontext()
-    with sampling:  # e.g. the shapes policy samples with its LoRA merged (faster, no grad)
-        for start in range(0, len(pairs), batch_size):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(pairs), desc="evaluate", unit="img", dynamic_ncols=True)
+    with sampling, (bar if bar is not None else contextlib.nullcontext()):  # the shapes policy merges its LoRA
+        for start, images in evaluation.sample_images(policy, texts, pairs, base_seed=base_seed, steps=steps,
+                                                      guidance_scale=guidance_scale, batch_size=batch_size,
+                                                      autocast=autocast, device=device):
             chunk = pairs[start:start + batch_size]
-            ctexts = [t for t, _ in chunk]
-            seed_vals = [image_seed(t, j) for t, j in chunk]
-            cond = policy.encode_prompts(ctexts)
-            traj = sample(policy, cond, num_steps=steps, guidance_scale=guidance_scale, noise_level=0.0,
-                          kind="ode", seeds=torch.tensor(seed_vals), autocast=autocast, device=device)
-            images = policy.decode(traj.final).float().cpu()
-            strict, partial = _judge(policy, images, ctexts)
-            for k, ((t, j), s) in enumerate(zip(chunk, seed_vals)):
-                results.records.append(EvalRecord(t, j, s, cats[t], strict[k], partial[k],
-                                                  images[k].clone() if keep_images else None))
+            scored = evaluation.score_images(judge or policy, reward, images,
+                                             [texts[i] for i, _ in chunk], [metas[i] for i, _ in chunk])
+            for k, (i, j) in enumerate(chunk):
+                m = {name: float(v[k]) for name, v in scored.items()}
+                strict = m.get(evaluation.STRICT)
+                results.records.append(EvalRecord(
+                    texts[i], j, evaluation.image_seed(texts[i], j, base_seed), cats[i],
+                    None if strict is None else bool(strict >= 0.5),
+                    None if strict is None else m.get("partial", strict),
+                    images[k].clone() if keep_images else None, m))
+            if bar is not None:
+                bar.update(len(chunk))
     return results
 
 
 def category_grid(results: Sequence[EvalResults], path: str | Path, *, per_category: int = 8,
-                  scale: int = 3, labels: Sequence[str] = ()) -> Path:
+                  scale: int | None = None, labels: Sequence[str] = ()) -> Path:
     """A PNG with one row per category: the first ``per_category`` images of that category (same
     prompts and seeds in every ``results``, so before / after sit side by side as column blocks),
-    each framed green (correct) or red (wrong). ``results`` must have been run with keep_images."""
+    each framed green (correct) or red (wrong), grey when scored by rewards (no verdict). Tiles:
+    ``scale`` x the image size (default: 3x up to 64 px, images larger than that shown at 128 px).
+    ``results`` must have been run with keep_images."""
     from PIL import Image, ImageDraw
 
     if not results:
@@ -202,7 +250,9 @@ def category_grid(results: Sequence[EvalResults], path: str | Path, *, per_categ
         if img is None:
             raise ValueError("category_grid: results were evaluated without keep_images=True")
         h, w = img.shape[-2:]
-    cell_h, cell_w = h * scale + 4, w * scale + 4
+    th, tw = (h * scale, w * scale) if scale else ((3 * h, 3 * w) if max(h, w) <= 64 else
+                                                    (128 * h // max(h, w), 128 * w // max(h, w)))
+    cell_h, cell_w = th + 4, tw + 4
     label_w, head_h, gap = 96, 14, 12
     block_w = per_category * cell_w
     W = label_w + len(results) * block_w + (len(results) - 1) * gap
@@ -220,10 +270,10 @@ def category_grid(results: Sequence[EvalResults], path: str | Path, *, per_categ
                 if rec is None or rec.image is None:
                     continue
                 x = label_w + b * (block_w + gap) + col * cell_w
-                frame = (20, 160, 40) if rec.correct else (210, 30, 30)
+                frame = (150, 150, 150) if rec.correct is None else (20, 160, 40) if rec.correct else (210, 30, 30)
                 draw.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=frame)
                 arr = (rec.image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
+                tile = Image.fromarray(arr).resize((tw, th), Image.NEAREST if tw >= w else Image.LANCZOS)
                 canvas.paste(tile, (x + 1, y + 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +282,9 @@ def category_grid(results: Sequence[EvalResults], path: str | Path, *, per_categ
 
 
 def write_results(results: EvalResults, out: str | Path) -> None:
-    """DIR/images/*.png (lossless, raw size), DIR/samples.jsonl, DIR/summary.json."""
+    """DIR/images/*.png (lossless, raw size), DIR/samples.jsonl (one line per image: prompt, file,
+    seed, category, every metric; the strict verdict of a verifier-judged policy as ``correct`` /
+    ``partial``), DIR/summary.json (EvalResults.summary)."""
     from PIL import Image
 
     out = Path(out)
@@ -243,12 +295,13 @@ def write_results(results: EvalResults, out: str | Path) -> None:
             if r.image is not None:
                 arr = (r.image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 Image.fromarray(arr).save(out / name)
-            f.write(json.dumps({"prompt": r.prompt, "file": name, "seed": r.seed, "seed_index": r.seed_index,
-                                "category": r.category, "correct": r.correct,
-                                "partial": round(r.partial, 4)}) + "\n")
-    summary = {"accuracy": results.accuracy, "image_accuracy": results.image_accuracy,
-               "images": len(results.records)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            row = {"prompt": r.prompt, "file": name, "seed": r.seed, "seed_index": r.seed_index,
+                   "category": r.category}
+            if r.correct is not None:
+                row.update(correct=r.correct, partial=round(r.partial, 4))
+            row["metrics"] = {k: round(v, 6) for k, v in r.metrics.items()}
+            f.write(json.dumps(row) + "\n")
+    (out / "summary.json").write_text(json.dumps(results.summary(), indent=2) + "\n")
 
 
 def load_checkpoint_into(policy, path: str | Path) -> None:
@@ -312,7 +365,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = _Parser(prog="python -m fastflow.evaluate",
-                 description="Strict accuracy of a policy on grammar prompts, per category.")
+                 description="Evaluate a model or checkpoint on held-out prompts with fixed seeds, per category.")
     ap.add_argument("config", nargs="?", default=None, help="TOML run config (default: the embedded shapes run)")
     ap.add_argument("--checkpoint", default="", help="model.safetensors / export folder, trainer checkpoint "
                     "folder or run directory (default: the config's model, e.g. the shipped base model)")
@@ -440,8 +493,11 @@ def _check_out_dir(out: Path) -> None:
 
 
 def _prompt_check(kind: str):
-    """The check of one evaluation prompt: in the grammar (the shapes verifier judges every image
-    and names its category), and for the toy model with a colour word."""
+    """The check of one evaluation prompt of a verifier-judged model (shapes, toy): in the grammar
+    (the shapes verifier judges every image and names its category), and for the toy model with a
+    colour word. Other models take any text (None)."""
+    if kind not in GRAMMAR_KINDS:
+        return None
     from fastflow.shapes.world import check_prompt
 
     def check(prompt) -> None:
@@ -475,7 +531,7 @@ class _Plan:
     device: torch.device
     checkpoint: tuple[Path, bool] | None
     baseline: tuple[Path, bool] | None
-    texts: list[str] | None  # None: the built policy's default_prompts("eval")
+    texts: list | None  # fastflow.data.Prompt list; None: the built policy's default_prompts("eval")
     seeds: int
     min_category_images: int
     steps: int
@@ -518,6 +574,12 @@ def _plan(args: argparse.Namespace) -> _Plan:
     base = None
     if args.baseline and args.baseline != "base":
         base = resolve_checkpoint(args.baseline, "--baseline", kind)
+    if kind not in GRAMMAR_KINDS:  # a served reward must answer now, not after the model loaded
+        from fastflow.rewards.remote import check_served_rewards
+        try:
+            check_served_rewards(cfg.reward.weights, cfg.reward.options)
+        except (ConfigError, ValueError, OSError) as e:
+            raise InputError(str(e)) from None
     if not ck and cfg.model.path and cfg.model.path.endswith(".safetensors"):
         check_safetensors(Path(cfg.model.path).expanduser(), "model.path")
     source = args.prompts or cfg.data.eval_prompts
@@ -525,15 +587,15 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if source:
         flag = "--prompts" if args.prompts else "data.eval_prompts"
         try:
-            texts = [p.text for p in load_prompts(source, check=_prompt_check(kind))]
+            texts = load_prompts(source, check=_prompt_check(kind))  # Prompts: metadata names categories
         except (ValueError, FileNotFoundError) as e:
             raise InputError(f"{flag}: {e}") from None
     elif kind == "shapes":
         from fastflow.shapes.policy import default_prompts
-        texts = [p.text for p in default_prompts("eval")]
-    elif kind in ("sd3", "flux"):
+        texts = list(default_prompts("eval"))
+    elif kind not in GRAMMAR_KINDS:
         raise InputError(f"no prompts: model.kind {kind} has no built-in list; give --prompts FILE or "
-                         f"data.eval_prompts")
+                         f"data.eval_prompts (e.g. pickscore:test.txt after python -m fastflow.data fetch)")
     return _Plan(cfg=cfg, device=device, checkpoint=ck, baseline=base, texts=texts,
                  seeds=args.seeds or cfg.eval.seeds,
                  min_category_images=(cfg.eval.min_category_images if args.min_category_images is None
@@ -584,13 +646,21 @@ def main(argv=None) -> int:
         if not hasattr(policy, "default_prompts"):
             print("evaluate: no prompts: give --prompts FILE or data.eval_prompts", file=sys.stderr)
             return 2
-        texts = [p.text for p in policy.default_prompts("eval")]
+        texts = list(policy.default_prompts("eval"))
     seeds, min_cat, steps, guidance = plan.seeds, plan.min_category_images, plan.steps, plan.guidance
     from fastflow.runtime import forward_context
 
     autocast = forward_context(cfg, device)  # the trainer's forward: model.dtype autocast, model.attention
-    kw = dict(batch_size=plan.batch_size, autocast=autocast, device=device, keep_images=True,
-              min_category_images=min_cat)
+    reward = None
+    if not hasattr(policy, "eval_metrics") and cfg.model.kind not in GRAMMAR_KINDS:
+        from fastflow.rewards import WeightedReward
+        try:  # the trainer's rewards, on the device the trainer would put them
+            reward = WeightedReward(cfg.reward.weights, cfg.reward.device or str(device), cfg.reward.options)
+        except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+            print(f"evaluate: reward: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+    kw = dict(reward=reward, base_seed=cfg.eval.seed, batch_size=plan.batch_size, autocast=autocast,
+              device=device, keep_images=True, min_category_images=min_cat, progress=cfg.log.progress)
     res = evaluate_policy(policy, texts, seeds, steps, guidance, **kw)
     base_res = evaluate_policy(baseline, texts, seeds, steps, guidance, **kw) if baseline is not None else None
     print(f"{len(texts)} prompts x {seeds} seeds" + (f" (at least {min_cat} images per category)" if min_cat else "")

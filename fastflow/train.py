@@ -44,7 +44,8 @@ from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, bro
                                   world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
-from fastflow.evaluate import seeds_per_prompt
+from fastflow import evaluation
+from fastflow.evaluation import seeds_per_prompt
 from fastflow.logs import setup_logging
 from fastflow.lr_schedule import lr_at
 from fastflow.graphs import GraphedSampler
@@ -78,6 +79,7 @@ def generator(*parts: int) -> torch.Generator:
 
 
 # Stream ids keep the uses of (seed, iteration) apart.
+# (4 was the evaluation noise's; evaluation noise is now fastflow.evaluation.image_seed.)
 _PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL, _GROUP_NOISE, _FM = 1, 2, 3, 4, 5, 6, 7
 
 
@@ -546,13 +548,10 @@ class Trainer:
         """ODE sampling at the full step count on the held-out prompts x seeds, with EMA weights."""
         cfg = self.cfg
         ctx = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        every = [(i, seed) for i, n in enumerate(self.eval_seed_counts) for seed in range(n)]
-        pairs = every[self.info.rank::self.info.world_size]
-        # Every rank samples the same number of batches, at least one, whatever the count of
-        # (prompt, seed) pairs: under FSDP2 a rank that sampled less would leave the others
-        # waiting in a forward's all-gather. The padding repeats a pair and is not counted.
-        real = len(pairs)
-        pairs = pairs + [every[0]] * (-(-len(every) // self.info.world_size) - real)
+        # The same images as python -m fastflow.evaluate draws (fastflow.evaluation); every rank
+        # samples as many batches as the others (padding repeats a pair, weight 0).
+        pairs, real = evaluation.rank_pairs(self.eval_seed_counts, self.info.rank, self.info.world_size)
+        texts_all = [p.text for p in self.eval_prompts]
         per_image: dict[str, list[float]] = {}
         cats: list[str] = []
         images_keep = []
@@ -560,22 +559,20 @@ class Trainer:
         diversity = GroupDiversity()
         t0 = time.perf_counter()
         with ctx, self._sampling():
-            for start in range(0, len(pairs), cfg.eval.batch_size):
+            batches = evaluation.sample_images(
+                self.policy, texts_all, pairs, base_seed=cfg.eval.seed, steps=cfg.sample.eval_steps,
+                guidance_scale=self.derived.eval_guidance_scale, batch_size=cfg.eval.batch_size,
+                sampler=self._sample, autocast=self.forward, device=self.device)
+            for start, images in batches:
                 chunk = pairs[start:start + cfg.eval.batch_size]
                 prompts = [self.eval_prompts[i] for i, _ in chunk]
                 texts = [p.text for p in prompts]
                 metas = [p.metadata for p in prompts]
-                cond = self.policy.encode_prompts(texts)
-                seeds = torch.tensor([derive_seed(cfg.eval.seed, _EVAL_NOISE, i, sd) for i, sd in chunk])
-                traj = self._sample(cond, num_steps=cfg.sample.eval_steps,
-                              guidance_scale=self.derived.eval_guidance_scale, noise_level=0.0,
-                              kind="ode", seeds=seeds, autocast=self.forward, device=self.device)
-                images = self.policy.decode(traj.final).float().cpu()
                 n = max(0, min(len(chunk), real - start))  # images past n are padding: weight 0
                 if n and len(images_keep) < 64:
                     images_keep.append(images[: min(n, 64 - len(images_keep))])
                 # scored all the same, so that a rank with only padding knows the metric names
-                metrics = eval_metrics(self.policy, self.reward, images, texts, metas)
+                metrics = evaluation.score_images(self.policy, self.reward, images, texts, metas)
                 for k, v in metrics.items():
                     per_image.setdefault(k, []).extend(float(x) for x in v)
                 batch_cats = [prompt_category(self.policy, p) for p in prompts]
@@ -905,15 +902,6 @@ def load_prompt_split(cfg, policy, split: str) -> list[Prompt]:
         return list(policy.default_prompts(split))
     raise ConfigError(f"config: data.{split}_prompts is empty and model {cfg.model.kind!r} has no "
                       f"built-in prompt list; give a .txt or .jsonl prompt file")
-
-
-def eval_metrics(policy, reward: WeightedReward, images: Tensor, texts, metas) -> dict[str, Tensor]:
-    """Per-image evaluation metrics: the policy's own (e.g. strict accuracy) when it defines
-    ``eval_metrics``, else the reward total and its components."""
-    if hasattr(policy, "eval_metrics"):
-        return dict(policy.eval_metrics(images, texts, metas))
-    total, parts = reward(images, texts, metas)
-    return {"reward": total, **parts}
 
 
 def prompt_category(policy, prompt: Prompt) -> str:
