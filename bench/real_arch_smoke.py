@@ -1,16 +1,23 @@
-"""The real SD3.5-Medium and FLUX.1-dev transformers through the real trainer, once, on a CPU.
+"""The real SD3.5-Medium, FLUX.1-dev, Qwen-Image and FLUX.2 [klein] transformers through the real
+trainer, once, on a CPU.
 
-    python bench/real_arch_smoke.py --out DIR                  # every case, real widths (~10 min on 2 cores)
+    python bench/real_arch_smoke.py --out DIR                  # every case, real widths (~40 min on 2 cores)
     python bench/real_arch_smoke.py --mode tiny --out DIR      # the same path at toy widths (seconds)
     python bench/real_arch_smoke.py --cases sd3-lora,flux-full --out DIR
 
 Each case builds a diffusers pipeline around the published transformer config (random weights,
 nothing downloaded): SD3.5-Medium's SD3Transformer2DModel (24 layers, width 1536, dual attention in
-layers 0-12, qk RMS norm) and FLUX.1-dev's FluxTransformer2DModel at its real width (3072 = 24 heads
-x 128) with fewer blocks, tiny text encoders with the real output widths (SD3: CLIP-L 768 + CLIP-G
-1280, pooled 2048, T5 4096; FLUX: CLIP pooled 768, T5 4096) and a small VAE with the real 16 latent
-channels and 8x downsampling. The pipeline is saved with ``save_pretrained`` and the trainer loads
-it through ``from_pretrained`` (model.path = that folder), exactly as a hub id.
+layers 0-12, qk RMS norm), FLUX.1-dev's FluxTransformer2DModel at its real width (3072 = 24 heads
+x 128) with fewer blocks, Qwen-Image's QwenImageTransformer2DModel (60 blocks at width 3072) with
+fewer blocks and FLUX.2 [klein] base-4B's Flux2Transformer2DModel (5 double + 20 single blocks at
+width 3072; LoRA at full depth); tiny text encoders with the real output widths (SD3: CLIP-L 768 +
+CLIP-G 1280, pooled 2048, T5 4096; FLUX: CLIP pooled 768, T5 4096; Qwen-Image: a 2-layer
+Qwen2.5-VL with hidden size 3584; klein: a 36-layer Qwen3 with hidden size 2560, of which the
+pipeline stacks layers 9, 18 and 27 into 7680 channels) and a small VAE with the real latent
+channels and 8x downsampling (SD3.5 / FLUX.1: AutoencoderKL, 16 channels; Qwen-Image:
+AutoencoderKLQwenImage, 16 channels and its published latent statistics; klein: AutoencoderKLFlux2,
+32 channels). The pipeline is saved with ``save_pretrained`` and the trainer loads it through
+``from_pretrained`` (model.path = that folder), exactly as a hub id.
 
 Then one full Flow-GRPO iteration through ``fastflow.train.Trainer.run`` in its own process (so each
 case's peak RSS is its own): rollout, rewards, one optimizer step, the final checkpoint, the final
@@ -25,11 +32,11 @@ iteration at 1 rank and computed for 8 ranks: LoRA replicated (DDP, what ``strat
 LoRA), full fine-tuning sharded by FSDP2, which splits dim 0 of every parameter into world-size
 chunks, padded to a multiple of the world size (the per-rank figure is rank 0's chunk,
 ceil(dim0 / W) rows, which is what every rank allocates). The same accounting is computed on the
-meta device for the full-depth models (FLUX.1-dev's 12B, SD3.5-M full fine-tuning), and checked
-against every measured case at 1 rank.
+meta device for the full-depth models (FLUX.1-dev's 12B, Qwen-Image's 20B, SD3.5-M and klein full
+fine-tuning), and checked against every measured case at 1 rank.
 
 Random weights at real widths: the numbers say whether the path runs and what it holds, not
-anything about image quality. Not part of CI at real widths (about 10 minutes and 14 GiB on a
+anything about image quality. Not part of CI at real widths (about 40 minutes and 14 GiB on a
 2-core CPU); the tiny mode is (tests/test_real_arch_smoke.py). Results: docs/scaling.md.
 """
 
@@ -65,15 +72,30 @@ CASES = {
     "flux-lora": ("flux", "lora", "adamw", "flux_lora"),
     "flux-full": ("flux", "full", "adamw", "flux_full"),
     "flux-full-8bit": ("flux", "full", "adamw8bit", "flux_full"),
+    "klein-lora": ("flux2_klein", "lora", "adamw", "klein_lora"),
+    "klein-full": ("flux2_klein", "full", "adamw", "klein_full"),
+    "klein-full-8bit": ("flux2_klein", "full", "adamw8bit", "klein_full"),
+    "qwen-lora": ("qwenimage", "lora", "adamw", "qwen_lora"),
+    "qwen-full": ("qwenimage", "full", "adamw", "qwen_full"),
+    "qwen-full-8bit": ("qwenimage", "full", "adamw8bit", "qwen_full"),
 }
-# The paper's LoRA settings (FLOW_GRPO.md): SD3.5 r 32 alpha 64, FLUX r 64 alpha 128.
-LORA = {"sd3": (32, 64.0), "flux": (64, 128.0)}
+FAMILIES = ("sd3", "flux", "qwenimage", "flux2_klein")
+# The paper's LoRA settings (FLOW_GRPO.md): SD3.5 r 32 alpha 64, FLUX r 64 alpha 128; the public
+# Qwen-Image trainer's and Flow-Factory's klein recipe: r 64 alpha 128.
+LORA = {"sd3": (32, 64.0), "flux": (64, 128.0), "qwenimage": (64, 128.0), "flux2_klein": (64, 128.0)}
 LR = {"lora": 3e-4, "full": 1e-5}
-GUIDANCE = {"sd3": 4.5, "flux": 3.5}
+# Qwen-Image: true CFG 4 (the public recipe); klein base: CFG 4 (Flow-Factory's klein-base recipe).
+GUIDANCE = {"sd3": 4.5, "flux": 3.5, "qwenimage": 4.0, "flux2_klein": 4.0}
 TRAIN_PROMPTS = ["a red cube", "a blue ball"]
 EVAL_PROMPTS = ["a green cat"]
-# The real VAEs' latent scaling (SD3.5 / FLUX.1 vae/config.json).
+# The real VAEs' latent scaling (SD3.5 / FLUX.1 vae/config.json); Qwen-Image's VAE normalises by
+# per-channel statistics (AutoencoderKLQwenImage's defaults are the published ones) and klein's by
+# its batch-norm running statistics (random here, as every weight).
 VAE_SCALING = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+# Cases that recompute each block's activations in backward (distributed.activation_checkpointing;
+# --activation-checkpointing): klein attends over its 512 padded text tokens in all 25 blocks, and
+# their saved activations would not fit next to the 7.2 GiB bf16 base under the per-case limit.
+ACTIVATION_CHECKPOINTING = ("klein-lora",)
 
 
 class BadInput(Exception):
@@ -104,6 +126,17 @@ def parse_args(argv):
                     help="SD3.5-M layers of the full fine-tuning cases (all 24 hold ~48 GiB of tensors)")
     ap.add_argument("--flux-lora-blocks", default="2,2", help="FLUX double,single blocks of the LoRA case")
     ap.add_argument("--flux-full-blocks", default="1,1", help="FLUX double,single blocks of the full cases")
+    ap.add_argument("--klein-lora-blocks", default="5,20",
+                    help="FLUX.2 [klein] 4B double,single blocks of the LoRA case (default: all)")
+    ap.add_argument("--klein-full-blocks", default="1,1",
+                    help="FLUX.2 [klein] 4B double,single blocks of the full fine-tuning cases")
+    ap.add_argument("--qwen-lora-blocks", type=int, default=10,
+                    help="Qwen-Image blocks (of 60) of the LoRA case")
+    ap.add_argument("--qwen-full-blocks", type=int, default=1,
+                    help="Qwen-Image blocks (of 60) of the full fine-tuning cases")
+    ap.add_argument("--activation-checkpointing", default=",".join(ACTIVATION_CHECKPOINTING),
+                    help="comma-separated cases that recompute block activations in backward "
+                         "(distributed.activation_checkpointing), or 'none' (default: %(default)s)")
     ap.add_argument("--max-rss-gib", type=float, default=14.0,
                     help="kill a case whose resident memory passes this (GiB); also the free memory "
                          "a case waits for before it starts")
@@ -115,13 +148,13 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def _blocks(text: str, name: str) -> tuple[int, int]:
+def _blocks(text: str, name: str, model: str = "FLUX.1-dev", most: tuple[int, int] = (19, 38)) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
     if not m:
         raise BadInput(f"{name} must be DOUBLE,SINGLE (two integers), got {text!r}")
     d, s = int(m.group(1)), int(m.group(2))
-    if d < 1 or s < 1 or d > 19 or s > 38:
-        raise BadInput(f"{name} {text!r}: FLUX.1-dev has 1..19 double and 1..38 single blocks")
+    if d < 1 or s < 1 or d > most[0] or s > most[1]:
+        raise BadInput(f"{name} {text!r}: {model} has 1..{most[0]} double and 1..{most[1]} single blocks")
     return d, s
 
 
@@ -138,6 +171,15 @@ def check_args(a) -> dict:
         raise BadInput(f"--sd3-lora-layers must be in 1..24 (SD3.5-M has 24), got {a.sd3_lora_layers}")
     if not 1 <= a.sd3_full_layers <= 24:
         raise BadInput(f"--sd3-full-layers must be in 1..24 (SD3.5-M has 24), got {a.sd3_full_layers}")
+    for flag in ("qwen_lora_blocks", "qwen_full_blocks"):
+        if not 1 <= getattr(a, flag) <= 60:
+            raise BadInput(f"--{flag.replace('_', '-')} must be in 1..60 (Qwen-Image has 60), got {getattr(a, flag)}")
+    ckpt = [] if a.activation_checkpointing.strip() == "none" else \
+        [c.strip() for c in a.activation_checkpointing.split(",") if c.strip()]
+    bad = [c for c in ckpt if c not in CASES]
+    if bad:
+        raise BadInput(f"--activation-checkpointing: unknown case(s) {', '.join(bad)}; known: {', '.join(CASES)} "
+                       f"(or 'none')")
     if not a.max_rss_gib > 0:
         raise BadInput(f"--max-rss-gib must be > 0, got {a.max_rss_gib}")
     if a.wait_memory_s < 0:
@@ -153,10 +195,13 @@ def check_args(a) -> dict:
                 raise BadInput(f"--{flag.replace('_', '-')} {p}: {parent} is not writable")
     depth = {"sd3_lora": a.sd3_lora_layers, "sd3_full": a.sd3_full_layers,
              "flux_lora": _blocks(a.flux_lora_blocks, "--flux-lora-blocks"),
-             "flux_full": _blocks(a.flux_full_blocks, "--flux-full-blocks")}
+             "flux_full": _blocks(a.flux_full_blocks, "--flux-full-blocks"),
+             "klein_lora": _blocks(a.klein_lora_blocks, "--klein-lora-blocks", "FLUX.2 [klein] 4B", (5, 20)),
+             "klein_full": _blocks(a.klein_full_blocks, "--klein-full-blocks", "FLUX.2 [klein] 4B", (5, 20)),
+             "qwen_lora": a.qwen_lora_blocks, "qwen_full": a.qwen_full_blocks}
     if importlib.util.find_spec("bitsandbytes") is None and any(CASES[c][2] == "adamw8bit" for c in names):
         raise BadInput("the 8-bit cases need bitsandbytes (pip install 'fastflow[bnb]'); leave them out of --cases")
-    return {"cases": names, "resolution": res, "depth": depth}
+    return {"cases": names, "resolution": res, "depth": depth, "checkpointing": set(ckpt)}
 
 
 def _existing_parent(p: Path) -> Path:
@@ -180,18 +225,26 @@ def _bench_module(name: str):
 
 
 def _bench_models():
-    """bench/models.py: the published SD3.5-M / FLUX.1-dev configs."""
+    """bench/models.py: the published SD3.5-M / FLUX.1-dev / Qwen-Image / klein-4B configs."""
     return _bench_module("models")
 
 
 def transformer_config(family: str, mode: str, depth) -> dict:
     """The transformer config of a case: the published one (or the tiny stand-in) at ``depth``
-    (SD3: layers; FLUX: (double, single) blocks)."""
+    (SD3, Qwen-Image: layers / blocks; FLUX, klein: (double, single) blocks)."""
     bm = _bench_models()
     if family == "sd3":
         c = dict(bm.SD35_MEDIUM if mode == "real" else bm.TINY_SD3)
         c["num_layers"] = depth
         c["dual_attention_layers"] = tuple(i for i in c["dual_attention_layers"] if i < depth)
+        return c
+    if family == "qwenimage":
+        c = dict(bm.QWEN_IMAGE if mode == "real" else bm.TINY_QWENIMAGE)
+        c["num_layers"] = depth
+        return c
+    if family == "flux2_klein":
+        c = dict(bm.FLUX2_KLEIN_4B if mode == "real" else bm.TINY_FLUX2_KLEIN)
+        c["num_layers"], c["num_single_layers"] = depth
         return c
     c = dict(bm.FLUX1_DEV if mode == "real" else bm.TINY_FLUX)
     c["num_layers"], c["num_single_layers"] = depth
@@ -199,18 +252,36 @@ def transformer_config(family: str, mode: str, depth) -> dict:
     return c
 
 
+FULL_DEPTH = {"sd3": 24, "flux": (19, 38), "qwenimage": 60, "flux2_klein": (5, 20)}
+TINY_DEPTH = {"sd3": 2, "flux": (1, 1), "qwenimage": 2, "flux2_klein": (1, 1)}
+
+
 def full_config(family: str, mode: str) -> dict:
-    bm = _bench_models()
-    if mode == "tiny":
-        return transformer_config(family, mode, 2 if family == "sd3" else (1, 1))
-    return dict(bm.SD35_MEDIUM if family == "sd3" else bm.FLUX1_DEV)
+    """The whole published transformer (tiny mode: its stand-in)."""
+    return transformer_config(family, mode, (FULL_DEPTH if mode == "real" else TINY_DEPTH)[family])
+
+
+def latent_channels(family: str, tconf: dict) -> int:
+    """Channels of the VAE's latents: the transformer reads them packed 2 x 2 (FLUX, klein; Qwen-Image
+    patchifies by 2 and predicts ``out_channels`` per patch element)."""
+    if family == "sd3":
+        return tconf["in_channels"]
+    if family == "qwenimage":
+        return tconf["out_channels"]
+    return tconf["in_channels"] // 4
 
 
 def encoder_widths(family: str, tconf: dict) -> dict:
     """Text encoder output widths the transformer reads: SD3 concatenates CLIP-L and CLIP-G
     (768 + 1280 = 2048 pooled, hidden states padded to T5's 4096); FLUX pools CLIP (768) and reads
-    T5 (4096)."""
-    pooled, joint = tconf["pooled_projection_dim"], tconf["joint_attention_dim"]
+    T5 (4096); Qwen-Image reads Qwen2.5-VL's last hidden state (3584); klein stacks three hidden
+    states of Qwen3 per token (3 x 2560 = 7680)."""
+    joint = tconf["joint_attention_dim"]
+    if family == "qwenimage":
+        return {"qwen2_5_vl": joint}
+    if family == "flux2_klein":
+        return {"qwen3": joint // 3}
+    pooled = tconf["pooled_projection_dim"]
     if family == "sd3":
         clip_l = pooled * 3 // 8  # 768 of 2048
         return {"clip_l": clip_l, "clip_g": pooled - clip_l, "t5": joint}
@@ -227,6 +298,17 @@ def _lora_shapes(model, targets, rank):
         if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             out += [(name + ".lora_A", (rank, m.in_features)), (name + ".lora_B", (m.out_features, rank))]
     return out
+
+
+def never_get_a_gradient(family: str, tconf: dict) -> tuple[str, ...]:
+    """Name prefixes of transformer weights (and of their LoRA) that no loss reaches: Qwen-Image's
+    last block computes a text-stream output that QwenImageTransformer2DModel.forward discards, so
+    that block's text MLP and text attention output projection get no gradient (the optimizer skips
+    them; they keep their initial values)."""
+    if family == "qwenimage":
+        last = f"transformer_blocks.{tconf['num_layers'] - 1}."
+        return (last + "attn.to_add_out.", last + "txt_mlp.")
+    return ()
 
 
 def _shard_numel(shape, world: int) -> int:
@@ -251,11 +333,13 @@ def account(family: str, tconf: dict, finetune: str, optimizer: str, world: int,
     AdamW state, EMA) in fp32, replicated on every rank (DDP). Full fine-tuning keeps fp32 master
     weights, grads, state and EMA, and a frozen reference copy (matrices in bf16, vectors in fp32
     like the policy's); the buffers stay as loaded (bf16), in the policy and in the reference; under
-    FSDP2 every parameter (trained and reference) is sharded while buffers stay replicated."""
+    FSDP2 every parameter (trained and reference) is sharded while buffers stay replicated.
+    Trained weights that no loss reaches (:func:`never_get_a_gradient`) hold no gradient and no
+    optimizer state."""
+    import diffusers
     import torch
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    cls = getattr(diffusers, TRANSFORMER_CLASS[family])
     with torch.device("meta"):
         model = cls(**tconf)
     base = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
@@ -263,25 +347,28 @@ def account(family: str, tconf: dict, finetune: str, optimizer: str, world: int,
     fsdp = finetune == "full" and world > 1
     w = world if fsdp else 1  # LoRA: replicated (DDP)
     if finetune == "lora":
-        trained = [s for _, s in _lora_shapes(model, targets, rank)]
+        named = _lora_shapes(model, targets, rank)
         frozen = {"base": 2 * sum(math.prod(s) for _, s in base), "reference": 0}
         buffer_bytes = 2 * sum(math.prod(s) for s in bufs)
     else:
-        trained = [s for _, s in base]
-        frozen = {"base": 0, "reference": sum((2 if len(s) >= 2 else 4) * _shard_numel(s, w) for s in trained)}
+        named = base
+        frozen = {"base": 0, "reference": sum((2 if len(s) >= 2 else 4) * _shard_numel(s, w) for _, s in named)}
         buffer_bytes = 2 * 2 * sum(math.prod(s) for s in bufs)
+    trained = [s for _, s in named]
+    dead = never_get_a_gradient(family, tconf)
     local = [_shard_numel(s, w) for s in trained]
+    stepped = [_shard_numel(s, w) for n, s in named if not n.startswith(dead)]  # tensors with a gradient
     if optimizer == "adamw":
-        opt = sum(8 * n + 4 for n in local)  # exp_avg, exp_avg_sq (fp32) + a float32 step per tensor
+        opt = sum(8 * n + 4 for n in stepped)  # exp_avg, exp_avg_sq (fp32) + a float32 step per tensor
     else:
         min_8bit = max(1, 4096 // w)  # fastflow.parallel.build_optimizer scales it to the shards
-        opt = sum(_adam8_bytes(n, min_8bit) for n in local)
-        if any(n >= min_8bit for n in local):
+        opt = sum(_adam8_bytes(n, min_8bit) for n in stepped)
+        if any(n >= min_8bit for n in stepped):
             opt += 2 * 256 * 4  # the two quantisation maps, shared by every tensor
     weights = 4 * sum(local)
     out = {"params": sum(math.prod(s) for _, s in base), "trainable": sum(math.prod(s) for s in trained),
            "buffer_elements": sum(math.prod(s) for s in bufs),
-           "weights": weights, "grads": weights, "optimizer": opt, "ema": weights if ema else 0,
+           "weights": weights, "grads": 4 * sum(stepped), "optimizer": opt, "ema": weights if ema else 0,
            "frozen_base": frozen["base"], "reference": frozen["reference"], "buffers": buffer_bytes}
     out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "ema", "frozen_base",
                                         "reference", "buffers"))
@@ -290,12 +377,18 @@ def account(family: str, tconf: dict, finetune: str, optimizer: str, world: int,
 
 
 MEM_KEYS = ("weights", "grads", "optimizer", "ema", "frozen_base", "reference", "buffers")
+TRANSFORMER_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+                     "qwenimage": "QwenImageTransformer2DModel", "flux2_klein": "Flux2Transformer2DModel"}
+PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwenimage": "QwenImagePipeline",
+                  "flux2_klein": "Flux2KleinPipeline"}
 
 
 # -------------------------------------------------------------------------------- child: build
 
 def child_build(spec: dict) -> dict:
     """Build a random pipeline for ``spec`` and save_pretrained it to spec["dir"]."""
+    if spec["family"] in ("qwenimage", "flux2_klein"):
+        return _build_qwen_family(spec)
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -353,12 +446,122 @@ def child_build(spec: dict) -> dict:
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
         pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, **encoders)
-    n_params = sum(p.numel() for p in transformer.parameters())
+    return _save(pipe, spec, t0)
+
+
+def _save(pipe, spec: dict, t0: float, **kwargs) -> dict:
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
     t1 = time.perf_counter()
-    pipe.save_pretrained(spec["dir"])
+    pipe.save_pretrained(spec["dir"], **kwargs)
     size = sum(f.stat().st_size for f in Path(spec["dir"]).rglob("*") if f.is_file())
     return {"transformer_params": n_params, "build_s": t1 - t0, "save_s": time.perf_counter() - t1,
             "disk_bytes": size}
+
+
+# Weight files of at most this size: diffusers loads a sharded checkpoint one file at a time, so a
+# process loading the 7.2 GiB klein transformer holds one shard's file pages next to the weights,
+# not the whole file's (the published checkpoints are sharded too).
+SHARD_SIZE = "2GB"
+
+
+def _qwen25_vl(hidden: int, vocab: int):
+    """A Qwen2.5-VL (the class QwenImagePipeline loads) with 2 text layers at ``hidden`` and a
+    1-block vision tower projecting to it; at 3584 the heads are Qwen2.5-VL-7B's (28 x 128, 4 KV
+    heads, M-RoPE sections 16/24/24), with a small MLP."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    heads = hidden // 128 if hidden % 128 == 0 else 2
+    head_dim = hidden // heads
+    section = ([16, 24, 24] if head_dim == 128 else
+               [head_dim // 4, head_dim // 8, head_dim // 2 - head_dim // 4 - head_dim // 8])
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": max(64, hidden // 16), "num_hidden_layers": 2,
+                     "num_attention_heads": heads, "num_key_value_heads": 4 if heads % 4 == 0 else 1,
+                     "vocab_size": vocab, "max_position_embeddings": 2048, "rope_theta": 1000000.0,
+                     "bos_token_id": None, "eos_token_id": 0, "pad_token_id": 0,
+                     "rope_scaling": {"mrope_section": section, "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        vocab_size=vocab, image_token_id=vocab - 1, video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3, vision_end_token_id=vocab - 4)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen3(hidden: int, vocab: int):
+    """A Qwen3 causal LM (what Flux2KleinPipeline loads) with Qwen3-4B's 36 layers at ``hidden``
+    (the pipeline reads the hidden states of layers 9, 18 and 27), each a toy attention (2 heads
+    of 8) and MLP."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=hidden, intermediate_size=max(32, hidden // 16), num_hidden_layers=36,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=vocab,
+        max_position_embeddings=1024, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=True)).eval()
+
+
+def _build_qwen_family(spec: dict) -> dict:
+    """Qwen-Image / FLUX.2 [klein]: the published transformer config at the case's depth, a tiny
+    Qwen-family text encoder with the real output width, the in-memory Qwen tokenizer
+    (fastflow.models._tiny), a small VAE of the real class with the real latent channels and 8x
+    downsampling, and the published scheduler config."""
+    import diffusers
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fastflow.models._tiny import _QWEN3_CHAT_TEMPLATE, tiny_qwen_tokenizer
+
+    family, tconf, widths = spec["family"], spec["config"], spec["widths"]
+    t0 = time.perf_counter()
+    channels = latent_channels(family, tconf)
+    tok = tiny_qwen_tokenizer(_QWEN3_CHAT_TEMPLATE if family == "flux2_klein" else None)
+    prev = torch.get_default_dtype()
+    torch.manual_seed(spec["seed"])
+    try:
+        torch.set_default_dtype(torch.bfloat16)  # a 4B transformer never exists in fp32 here
+        transformer = getattr(diffusers, TRANSFORMER_CLASS[family])(**tconf)
+        if family == "qwenimage":
+            text_encoder = _qwen25_vl(widths["qwen2_5_vl"], len(tok) + 4)
+        else:
+            text_encoder = _qwen3(widths["qwen3"], len(tok))
+    finally:
+        torch.set_default_dtype(prev)
+    if family == "qwenimage":
+        import inspect
+
+        from diffusers import AutoencoderKLQwenImage
+
+        # Three down blocks (8x), 16 latent channels with the published latent statistics (the
+        # class's defaults); toy widths. Tiny mode: the first statistics for its fewer channels.
+        published = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True],
+                                     latents_mean=list(published["latents_mean"].default[:channels]),
+                                     latents_std=list(published["latents_std"].default[:channels]))
+        # Qwen/Qwen-Image's scheduler_config.json
+        sched = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+        pipe = diffusers.QwenImagePipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                                           transformer=transformer)
+    else:
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                                 layers_per_block=1, latent_channels=channels, norm_num_groups=4,
+                                 sample_size=spec["resolution"], use_quant_conv=False, use_post_quant_conv=False)
+        stats = torch.Generator().manual_seed(spec["seed"] + 1)
+        with torch.no_grad():  # the latents are normalised by these: make them matter
+            vae.bn.running_mean.copy_(0.3 * torch.randn(vae.bn.running_mean.shape, generator=stats))
+            vae.bn.running_var.copy_(1.0 + torch.rand(vae.bn.running_var.shape, generator=stats))
+        # FLUX.2's scheduler config (the pipeline computes mu from the image size and step count)
+        sched = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+        pipe = diffusers.Flux2KleinPipeline(scheduler=sched, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                                            transformer=transformer, is_distilled=False)
+    return _save(pipe, spec, t0, max_shard_size=SHARD_SIZE)
 
 
 # -------------------------------------------------------------------------------- child: train
@@ -381,7 +584,8 @@ def trainer_args(spec: dict) -> list[str]:
             "--run.output_dir", spec["runs"], "--run.name", spec["case"],
             "--eval.every", "0", "--eval.seeds", "1", "--eval.min_category_images", "0", "--eval.batch_size", "1",
             "--checkpoint.every", "0", "--log.progress", "false", "--log.tensorboard", "false",
-            "--distributed.strategy", "none"]
+            "--distributed.strategy", "none"] + (
+                ["--distributed.activation_checkpointing", "true"] if spec.get("activation_checkpointing") else [])
 
 
 def _vm(key: str) -> int:
@@ -467,23 +671,25 @@ def child_train(spec: dict) -> dict:
     final = trainer.run_dir / "final"
     shadow = trainer.ema.shadow if trainer.ema is not None else {n: p.detach() for n, p in trainer.params.items()}
     if spec["finetune"] == "lora":
-        path = final / "pytorch_lora_weights.safetensors"
         to_param = lambda k: re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", k)  # noqa: E731
     else:
-        path = final / "transformer" / "diffusion_pytorch_model.safetensors"
         to_param = lambda k: "transformer." + k  # noqa: E731
-    equal, compared, keys, moved = True, 0, set(), 0
-    with safe_open(str(path), "pt") as f:
-        for k in f.keys():
-            v = f.get_tensor(k)
-            n = to_param(k)
-            if n in shadow:
-                keys.add(n)
-                compared += 1
-                equal &= bool(torch.equal(v, shadow[n].to(v.dtype)))
-                if spec["finetune"] == "lora" and ".lora_B." in n:
-                    moved += int(v.count_nonzero())  # B starts at 0: non-zero only after an update
-    export = {"path": str(path.relative_to(trainer.run_dir)), "file_bytes": path.stat().st_size,
+    files = _export_files(final, spec["finetune"])
+    equal, compared, keys, moved = bool(files), 0, set(), 0
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                v = f.get_tensor(k)
+                n = to_param(k)
+                if n in shadow:
+                    keys.add(n)
+                    compared += 1
+                    equal &= bool(torch.equal(v, shadow[n].to(v.dtype)))
+                    if spec["finetune"] == "lora" and ".lora_B." in n:
+                        moved += int(v.count_nonzero())  # B starts at 0: non-zero only after an update
+    path = files[0] if len(files) == 1 else final / "transformer"
+    export = {"path": str(path.relative_to(trainer.run_dir)), "files": len(files),
+              "file_bytes": sum(f.stat().st_size for f in files),
               "tensors": compared, "covers_all_trainable": keys == set(shadow),
               "equals_trainer_ema": equal, "lora_B_nonzero": moved if spec["finetune"] == "lora" else None}
     say(f"export {export['path']}: {compared} tensors, equal to the trainer's EMA weights: {equal}")
@@ -491,6 +697,13 @@ def child_train(spec: dict) -> dict:
             "rss_at_step": {k: at_step.get(k) for k in ("rss_before_step", "rss_after_step")},
             "measured": measured, "counts": counts, "dtypes": dtypes, "metrics": metrics, "export": export,
             "run_dir": str(trainer.run_dir)}
+
+
+def _export_files(final: Path, finetune: str) -> list[Path]:
+    """The weight files of an export: the LoRA file, or the transformer's file (or its shards)."""
+    if finetune == "lora":
+        return [final / "pytorch_lora_weights.safetensors"]
+    return sorted((final / "transformer").glob("*.safetensors"))
 
 
 # ------------------------------------------------------------------------------- child: reload
@@ -504,7 +717,7 @@ def child_verify(spec: dict) -> dict:
     final = Path(spec["run_dir"]) / "final"
     t0 = time.perf_counter()
     if spec["finetune"] == "lora":
-        cls = getattr(diffusers, "StableDiffusion3Pipeline" if spec["family"] == "sd3" else "FluxPipeline")
+        cls = getattr(diffusers, PIPELINE_CLASS[spec["family"]])
         from fastflow.models.sd3 import _dtype_kwarg  # dtype= or torch_dtype=, by diffusers release
 
         pipe = cls.from_pretrained(spec["pipeline"], **{_dtype_kwarg(): torch.bfloat16})
@@ -521,9 +734,11 @@ def child_verify(spec: dict) -> dict:
                "loaded_dtype": sorted({str(v.dtype) for v in loaded.values()}),
                "lora_scale_ok": scales == {alpha / r}, "lora_scales": sorted(scales)}
     else:
-        cls = getattr(diffusers, "SD3Transformer2DModel" if spec["family"] == "sd3" else "FluxTransformer2DModel")
+        cls = getattr(diffusers, TRANSFORMER_CLASS[spec["family"]])
         model = cls.from_pretrained(str(final / "transformer"))
-        exported = load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))
+        exported = {}
+        for f in _export_files(final, "full"):  # one file, or the shards of a large transformer
+            exported.update(load_file(str(f)))
         loaded = {n: t.detach() for n, t in model.state_dict().items()}
         out = {"api": f"{cls.__name__}.from_pretrained", "loaded_dtype": sorted({str(v.dtype) for v in loaded.values()})}
     same_keys = set(loaded) == set(exported)
@@ -645,6 +860,8 @@ def fmt_count(n) -> str:
 def depth_label(family: str, depth) -> str:
     if family == "sd3":
         return f"{depth} layers"
+    if family == "qwenimage":
+        return f"{depth} block{'s' if depth != 1 else ''}"
     return f"{depth[0]} double + {depth[1]} single"
 
 
@@ -797,7 +1014,7 @@ def main(argv=None) -> int:
             spec = {"case": name, "family": fam, "finetune": p["finetune"], "optimizer": p["optimizer"],
                     "pipeline": str(pipe_dir), "resolution": res, "train_prompts": str(work / "train.txt"),
                     "eval_prompts": str(work / "eval.txt"), "prompt_cache": str(work / "cache"),
-                    "runs": str(work / "runs")}
+                    "runs": str(work / "runs"), "activation_checkpointing": name in plan_args["checkpointing"]}
             entry["trainer_args"] = trainer_args(spec)
             t0 = time.perf_counter()
             trained, err = run_child("train", spec, work, limit, a.in_process)
@@ -824,9 +1041,9 @@ def main(argv=None) -> int:
             if not rest:
                 shutil.rmtree(pipe_dir, ignore_errors=True)
         # The full-depth models, computed on the meta device (no memory): what a real run holds.
-        for fam in ("sd3", "flux"):
+        for fam in FAMILIES:
             conf = full_config(fam, mode)
-            full_depth = conf["num_layers"] if fam == "sd3" else (conf["num_layers"], conf["num_single_layers"])
+            full_depth = (FULL_DEPTH if mode == "real" else TINY_DEPTH)[fam]
             for ft, optim in (("lora", "adamw"), ("full", "adamw"), ("full", "adamw8bit")):
                 for world in (1, 8):
                     r, _ = LORA[fam]
@@ -860,20 +1077,24 @@ def save_results(out: Path, results: dict, table: str) -> None:
 
 
 def depth_slug(family: str, depth) -> str:
-    return f"{depth}l" if family == "sd3" else f"{depth[0]}d{depth[1]}s"
+    if family == "sd3":
+        return f"{depth}l"
+    if family == "qwenimage":
+        return f"{depth}b"
+    return f"{depth[0]}d{depth[1]}s"
 
 
 def lora_targets(family: str) -> list[str]:
-    if family == "sd3":
-        from fastflow.models.sd3 import PAPER_TARGETS
-    else:
-        from fastflow.models.flux import PAPER_TARGETS
-    return list(PAPER_TARGETS)
+    """The targets fastflow's policy of ``family`` adapts by default (the public recipes')."""
+    return list(importlib.import_module(f"fastflow.models.{family}").PAPER_TARGETS)
+
+
+MODEL_NAMES = {"sd3": "SD3.5-Medium", "flux": "FLUX.1-dev", "qwenimage": "Qwen-Image",
+               "flux2_klein": "FLUX.2 [klein] base-4B"}
 
 
 def model_label(family: str, mode: str) -> str:
-    name = "SD3.5-Medium" if family == "sd3" else "FLUX.1-dev"
-    return name if mode == "real" else f"tiny {family}"
+    return MODEL_NAMES[family] if mode == "real" else f"tiny {family}"
 
 
 def add_memory_rows(results: dict, p: dict, entry: dict, mode: str) -> None:

@@ -33,16 +33,18 @@ def _run(*args, timeout=120):
                           timeout=timeout)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_tiny_mode_trains_exports_and_reloads(tmp_path):
     pytest.importorskip("bitsandbytes")
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = _run("--mode", "tiny", "--cases", "sd3-lora,flux-full-8bit", "--sd3-lora-layers", "2",
-                "--flux-full-blocks", "1,1", "--in-process", "--out", str(out), "--work-dir", str(work))
+    proc = _run("--mode", "tiny", "--cases", "sd3-lora,flux-full-8bit,qwen-lora,klein-full",
+                "--sd3-lora-layers", "2", "--flux-full-blocks", "1,1", "--qwen-lora-blocks", "2",
+                "--klein-full-blocks", "1,1", "--in-process", "--out", str(out), "--work-dir", str(work),
+                timeout=220)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     cases = {c["case"]: c for c in res["cases"]}
-    assert set(cases) == {"sd3-lora", "flux-full-8bit"}
+    assert set(cases) == {"sd3-lora", "flux-full-8bit", "qwen-lora", "klein-full"}
     for name, c in cases.items():
         assert "error" not in c, (name, c.get("error"))
         t, v = c["train"], c["verify"]
@@ -50,7 +52,10 @@ def test_tiny_mode_trains_exports_and_reloads(tmp_path):
         assert t["export"]["equals_trainer_ema"] and t["export"]["covers_all_trainable"], name
         assert v["equal"] and v["same_keys"] and v["tensors"] > 0, (name, v)
         assert t["metrics"]["onpolicy/clipfrac"] == 0.0 and t["metrics"]["optimizer_steps"] == 1
-        assert t["peak_rss"] > 0 and t["measured"]["grads"] == t["measured"]["weights"] > 0
+        assert t["metrics"]["kl"] == 0.0, name  # the reference equals the policy before the update
+        assert t["peak_rss"] > 0 and t["measured"]["weights"] > 0
+        if name != "qwen-lora":
+            assert t["measured"]["grads"] == t["measured"]["weights"], name
     lora = cases["sd3-lora"]
     assert lora["verify"]["api"] == "StableDiffusion3Pipeline.load_lora_weights"
     assert lora["verify"]["lora_scale_ok"]  # alpha / r travelled with the export
@@ -63,11 +68,23 @@ def test_tiny_mode_trains_exports_and_reloads(tmp_path):
     # the reference: a bf16 copy of the matrices, fp32 vectors (norms, biases) like the policy's
     assert full["train"]["measured"]["weights"] // 2 < full["train"]["measured"]["reference"] \
         < 0.6 * full["train"]["measured"]["weights"]
+    qwen = cases["qwen-lora"]
+    assert qwen["verify"]["api"] == "QwenImagePipeline.load_lora_weights" and qwen["verify"]["lora_scale_ok"]
+    # Qwen-Image's last block: its text output is discarded, so its text MLP and to_add_out LoRA get
+    # no gradient (and no optimizer state); the accounting above says so byte for byte
+    assert 0 < qwen["train"]["measured"]["grads"] < qwen["train"]["measured"]["weights"]
+    klein = cases["klein-full"]
+    assert klein["verify"]["api"] == "Flux2Transformer2DModel.from_pretrained"
+    assert klein["train"]["dtypes"]["trainable"] == ["torch.float32"]
+    assert klein["config"]["joint_attention_dim"] == 48 and klein["config"]["in_channels"] == 16
     rows = {(r["model"], r["depth"], r["finetune"], r["ranks"], r["how"]) for r in res["memory"]}
     assert ("tiny flux", "1 double + 1 single", "full, 8-bit AdamW", 8, "computed") in rows
     assert ("tiny sd3", "2 layers", "LoRA, AdamW", 1, "measured") in rows
+    assert ("tiny qwenimage", "2 blocks", "LoRA, AdamW", 8, "computed") in rows
+    assert ("tiny flux2_klein", "1 double + 1 single (full)", "full, AdamW", 8, "computed") in rows
     table = (out / "table.md").read_text()
     assert "| sd3-lora |" in table and "| flux-full-8bit |" in table and "fsdp2" in table
+    assert "| qwen-lora |" in table and "| klein-full |" in table
     assert not (work / "pipelines").exists() and not (work / "runs").exists()  # cleaned up
 
 
@@ -76,6 +93,9 @@ def test_tiny_mode_trains_exports_and_reloads(tmp_path):
     (["--resolution", "100"], "multiple of 16"),
     (["--sd3-full-layers", "30"], "1..24"),
     (["--flux-lora-blocks", "2"], "DOUBLE,SINGLE"),
+    (["--klein-lora-blocks", "6,20"], "1..5 double"),
+    (["--qwen-lora-blocks", "61"], "1..60"),
+    (["--activation-checkpointing", "klein-lora,nope"], "unknown case(s) nope"),
     (["--mode", "huge"], "invalid choice"),
     (["--max-rss-gib", "0"], "> 0"),
     (["--out", "/proc/no-such-dir"], "cannot write there"),
@@ -86,6 +106,25 @@ def test_bad_input_is_one_line(tmp_path, args, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], proc.stderr
     assert not (tmp_path / "w").exists()  # nothing made before the check
+
+
+def test_published_configs_and_encoder_widths():
+    """The real-mode cases are the published transformers (parameter counts of the whole models on
+    the meta device) read by text encoders of the real output widths."""
+    m = _script()
+    qwen, klein = m.full_config("qwenimage", "real"), m.full_config("flux2_klein", "real")
+    assert (qwen["num_layers"], qwen["joint_attention_dim"]) == (60, 3584)
+    assert (klein["num_layers"], klein["num_single_layers"], klein["joint_attention_dim"]) == (5, 20, 7680)
+    assert m.encoder_widths("qwenimage", qwen) == {"qwen2_5_vl": 3584}  # Qwen2.5-VL-7B's hidden size
+    assert m.encoder_widths("flux2_klein", klein) == {"qwen3": 2560}  # Qwen3-4B's, stacked 3 times
+    assert (m.latent_channels("qwenimage", qwen), m.latent_channels("flux2_klein", klein)) == (16, 32)
+    acc = m.account("qwenimage", qwen, "full", "adamw", 8)
+    assert 20.4e9 < acc["params"] < 20.5e9 and acc["strategy"] == "fsdp2"  # "Qwen-Image 20B"
+    # the last block's text MLP and to_add_out hold no gradient: fewer grad bytes than weights
+    assert 0 < acc["weights"] - acc["grads"] < 0.01 * acc["weights"]
+    acc = m.account("flux2_klein", klein, "lora", "adamw", 1, targets=m.lora_targets("flux2_klein"), rank=64)
+    assert 3.8e9 < acc["params"] < 3.9e9 and acc["frozen_base"] == 2 * acc["params"]  # "4B", bf16
+    assert acc["grads"] == acc["weights"] == 4 * acc["trainable"]
 
 
 def test_fsdp2_shard_and_8bit_state_rules():
