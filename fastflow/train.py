@@ -1031,6 +1031,27 @@ def local_cpu_ranks(cfg) -> int:
     return 1
 
 
+def memory_plan_refused(cfg) -> bool:
+    """The start-up memory check of a CUDA run (fastflow.plan.startup_check): True, with a few lines
+    of advice on rank 0, when the run cannot fit. Every rank plans the same config with rank 0's
+    shards against its own GPU, so on identical GPUs all ranks stop together (none is left waiting
+    in a collective). A failure of the planner itself never stops a run: it is logged, the run starts."""
+    import os
+
+    from fastflow import plan
+
+    try:
+        refusal = plan.startup_check(cfg, world_size_from_env(), int(os.environ.get("LOCAL_RANK", "0") or 0))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plan is advice; the run itself decides
+        log.warning("memory plan skipped (%s: %s)", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
+    if refusal is not None and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(refusal, file=sys.stderr)
+    return refusal is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
@@ -1038,6 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_toml(args.config), end="")
             return 0
+        if args.plan:  # the memory plan only: nothing loads, no GPU needed (fastflow.plan)
+            from fastflow.plan import plan_command
+            return plan_command(args, args.plan_gpus, args.plan_gpu_memory)
         derived = validate(args.config, world_size_from_env())  # before anything heavy loads
         try:
             pick_device(args.config.run.device)
@@ -1052,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
         check_served_rewards(args.config.reward.weights, args.config.reward.options)  # servers up?
         check_wandb(args.config.log)  # log.wandb without the package: one line, now
         check_cuda_graph_request(args.config, world_size_from_env())
+        if args.plan_check and memory_plan_refused(args.config):  # advice now, not an OOM after loading
+            return 2
         ranks = local_cpu_ranks(args.config)
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastflow: {e}", file=sys.stderr)
