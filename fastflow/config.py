@@ -15,6 +15,7 @@ well under a second instead of after minutes of loading.
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 import difflib
 import importlib.util
@@ -63,7 +64,9 @@ def _model_kinds() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Schema. Defaults are the embedded shapes run.
+# Schema. Defaults are the paper's: Flow-GRPO on SD3.5-Medium with PickScore. model.kind's default
+# is the embedded shapes task, whose values (and every other model's recipe) are the presets of
+# fastflow/presets.py that model.kind selects (load_config).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -71,13 +74,13 @@ def _model_kinds() -> list[str]:
 class RunConfig:
     """The run as a whole: its name, where it writes, seed, device and length."""
 
-    name: str = opt("shapes", "Run name; the run directory is output_dir/name.")
+    name: str = opt("run", "Run name; the run directory is output_dir/name.")
     output_dir: str = opt("runs", "Parent directory of run directories (checkpoints, logs, eval images).")
-    seed: int = opt(0, "Base random seed of the run (>= 0).")
+    seed: int = opt(42, "Base random seed of the run (>= 0).")
     device: str = opt("auto", "Where to run; auto = cuda when available, else cpu.",
                       choices=("auto", "cpu", "cuda"))
-    iterations: int = opt(300, "RL iterations (each: sample rollouts, score them, train on them).")
-    max_minutes: float = opt(15.0, "Wall-clock budget in minutes: when reached, stop cleanly, checkpoint "
+    iterations: int = opt(2000, "RL iterations (each: sample rollouts, score them, train on them).")
+    max_minutes: float = opt(0.0, "Wall-clock budget in minutes: when reached, stop cleanly, checkpoint "
                                   "and run the final eval; 0 = no budget.")
 
 
@@ -87,13 +90,13 @@ class ModelConfig:
 
     kind: str = opt("shapes", "Model adapter, from the registry in fastflow/models/__init__.py.",
                     choices=_model_kinds)
-    path: str = opt("", "Weights: a hub id, a local directory or a weights file (.safetensors/.pt); "
+    path: str = opt("stabilityai/stable-diffusion-3.5-medium", "Weights: a hub id, a local directory or a weights file (.safetensors/.pt); "
                         "\"\" = the model's built-in default.")
-    dtype: str = opt("float32", "Model compute dtype; the SDE math (log-probs, KL) always runs in float32.",
+    dtype: str = opt("bfloat16", "Model compute dtype; the SDE math (log-probs, KL) always runs in float32.",
                      choices=("float32", "bfloat16", "float16"))
     finetune: str = opt("lora", "Train LoRA adapters (lora) or every weight (full).", choices=("lora", "full"))
-    lora_rank: int = opt(16, "LoRA rank r.")
-    lora_alpha: float = opt(32.0, "LoRA alpha; the adapter's output is scaled by alpha / r.")
+    lora_rank: int = opt(32, "LoRA rank r.")
+    lora_alpha: float = opt(64.0, "LoRA alpha; the adapter's output is scaled by alpha / r.")
     lora_targets: list[str] = opt([], "Module names that get LoRA adapters; empty = the model's paper "
                                       "default (SD3.5: the attention projections).")
     resolution: int = opt(512, "Image side in pixels for the diffusers models (a multiple of 16); the toy and shapes "
@@ -119,8 +122,8 @@ class ModelConfig:
 class SampleConfig:
     """Rollouts: the reduced-step SDE sampler, groups and the per-rank rollout batch."""
 
-    train_steps: int = opt(8, "Denoising steps T of training rollouts.")
-    eval_steps: int = opt(20, "Denoising steps of evaluation (ODE sampler); >= train_steps.")
+    train_steps: int = opt(10, "Denoising steps T of training rollouts.")
+    eval_steps: int = opt(40, "Denoising steps of evaluation (ODE sampler); >= train_steps.")
     guidance_scale: float = opt(4.5, "Classifier-free guidance weight w of rollouts (FLUX: the value fed "
                                      "to its guidance embedding).")
     noise_level: float = opt(0.7, "SDE noise level a: sde in (0, 2] (std_t = a sqrt(t / (1 - t)); SD3.5 0.7, "
@@ -129,11 +132,11 @@ class SampleConfig:
                            "deterministic sampler, for train.algorithm nft / awm only (clean images, no "
                            "log-probs; then sample.shared_initial_noise must be false).",
                     choices=("sde", "cps", "ode"))
-    group_size: int = opt(8, "Images per prompt G (one GRPO group); >= 2.")
-    prompts_per_iter: int = opt(12, "Prompts per iteration over all ranks; images per iteration = "
+    group_size: int = opt(24, "Images per prompt G (one GRPO group); >= 2.")
+    prompts_per_iter: int = opt(48, "Prompts per iteration over all ranks; images per iteration = "
                                     "prompts_per_iter * group_size.")
-    batch_size: int = opt(16, "Per-rank rollout micro-batch (images per sampler call).")
-    shared_initial_noise: bool = opt(True, "Every image of a group starts from the same initial noise, so "
+    batch_size: int = opt(9, "Per-rank rollout micro-batch (images per sampler call).")
+    shared_initial_noise: bool = opt(False, "Every image of a group starts from the same initial noise, so "
                                             "the group's rewards differ only through the SDE noise of the "
                                             "trained steps: the advantages then measure the sampled actions, "
                                             "not the luck of the starting point (a lower-variance gradient, "
@@ -149,7 +152,7 @@ class SampleConfig:
     prompt_floor: float = opt(0.2, "signal sampling: every prompt's weight gets this fraction of the mean "
                                    "weight added, so prompts that looked solved or hopeless keep being "
                                    "tried; >= 0.")
-    window_size: int = opt(2, "0 = every step is SDE and trained; else Flow-GRPO-Fast: only a window of "
+    window_size: int = opt(0, "0 = every step is SDE and trained; else Flow-GRPO-Fast: only a window of "
                               "this many steps is SDE and trained, the others are ODE.")
     window_start: int = opt(0, "First step of the window, in [0, train_steps - window_size]; -1 = random "
                                 "per iteration.")
@@ -168,7 +171,7 @@ class TrainConfig:
     """The update: optimizer, batching, loss terms, EMA, and the algorithm (Flow-GRPO by default)."""
 
     optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes).", choices=("adamw", "adamw8bit"))
-    lr: float = opt(1e-3, "Learning rate (> 0): the peak of the schedule.")
+    lr: float = opt(3e-4, "Learning rate (> 0): the peak of the schedule.")
     lr_schedule: str = opt("constant", "After the warmup: constant (the public code's way), or decay to "
                                        "lr * lr_min_ratio by the run's last optimizer step (run.iterations "
                                        "x optimizer steps per iteration), linearly or along half a cosine. "
@@ -180,23 +183,23 @@ class TrainConfig:
     beta2: float = opt(0.999, "Adam beta2, in [0, 1).")
     weight_decay: float = opt(1e-4, "Decoupled weight decay (>= 0).")
     adam_eps: float = opt(1e-8, "Adam epsilon (> 0).")
-    batch_size: int = opt(16, "Per-rank training micro-batch (images per forward/backward); "
+    batch_size: int = opt(9, "Per-rank training micro-batch (images per forward/backward); "
                              "0 = sample.batch_size.")
-    optimizer_steps: int = opt(1, "Optimizer steps per inner epoch (the paper: 2). Gradients accumulate over "
+    optimizer_steps: int = opt(2, "Optimizer steps per inner epoch (the paper: 2). Gradients accumulate over "
                                   "the training micro-batches between steps; independent of the world size, "
                                   "so one config trains the same way on any number of GPUs.")
-    beta: float = opt(0.04, "KL penalty weight (the public code's KL form); 0 = no KL term.")
+    beta: float = opt(0.01, "KL penalty weight (the public code's KL form); 0 = no KL term.")
     clip_range: float = opt(1e-4, "PPO ratio clip epsilon (> 0).")
     adv_clip: float = opt(5.0, "Advantages are clipped to [-adv_clip, adv_clip] (> 0).")
     global_std: bool = opt(True, "Normalise advantages by the std over all rewards of the iteration "
                                  "(true) or by each group's std (false).")
-    timestep_fraction: float = opt(1.0, "Fraction of the SDE steps that are trained: the first "
+    timestep_fraction: float = opt(0.99, "Fraction of the SDE steps that are trained: the first "
                                          "floor(K * fraction), K = window_size or train_steps; in (0, 1].")
     max_grad_norm: float = opt(1.0, "Gradient-norm clip (> 0).")
     inner_epochs: int = opt(1, "Passes over each iteration's rollout data.")
     ema: bool = opt(True, "Keep an EMA of the trainable weights, used for evaluation and checkpoints.")
     ema_decay: float = opt(0.9, "EMA decay, in [0, 1).")
-    ema_every: int = opt(1, "Update the EMA every this many optimizer steps.")
+    ema_every: int = opt(8, "Update the EMA every this many optimizer steps.")
     # The algorithm (docs/algorithms.md). grpo: the settings above; nft / awm: flow matching on
     # the forward process of each rollout's clean images (beta, adv_clip, clip_range (awm),
     # global_std, optimizer and EMA settings apply; timestep_fraction does not).
@@ -225,11 +228,11 @@ class TrainConfig:
 class DataConfig:
     """Prompt files. Relative paths are read from the working directory."""
 
-    train_prompts: str = opt("", "Training prompt file (.txt: one prompt a line, lines starting with # are "
+    train_prompts: str = opt("pickscore:train.txt", "Training prompt file (.txt: one prompt a line, lines starting with # are "
                                  "comments; .jsonl: objects with a \"prompt\" key plus metadata), or a "
                                  "published prompt set as SET:FILE (e.g. pickscore:train.txt, after python -m "
                                  "fastflow.data fetch pickscore); \"\" = the model's built-in list.")
-    eval_prompts: str = opt("", "Held-out evaluation prompt file (.txt/.jsonl) or prompt set (SET:FILE, e.g. "
+    eval_prompts: str = opt("pickscore:test.txt", "Held-out evaluation prompt file (.txt/.jsonl) or prompt set (SET:FILE, e.g. "
                                 "pickscore:test.txt); \"\" = the model's built-in list.")
     prompt_cache: str = opt("", "Diffusers models: folder of the on-disk prompt-embedding cache, keyed by model, "
                                 "encoder settings and prompt list (reused by later runs); \"\" = "
@@ -240,7 +243,7 @@ class DataConfig:
 class RewardConfig:
     """Rewards: the training reward is the weighted sum of named rewards (each is logged)."""
 
-    weights: dict[str, float] = opt({"shapes": 1.0}, "Reward name -> weight; names from the registry in "
+    weights: dict[str, float] = opt({"pickscore": 1.0}, "Reward name -> weight; names from the registry in "
                                                      "fastflow/rewards/__init__.py.")
     options: dict[str, dict] = opt({}, "Reward name -> table of keyword options for that reward's factory, "
                                        "e.g. {ocr = {engine = \"rapidocr\"}} or a server url.")
@@ -253,16 +256,16 @@ class RewardConfig:
 class EvalConfig:
     """Evaluation: full-step ODE sampling on the held-out prompts with fixed seeds."""
 
-    every: int = opt(75, "Evaluate every this many iterations; 0 = only at the end.")
-    seeds: int = opt(8, "Images per eval prompt (fixed seeds).")
+    every: int = opt(60, "Evaluate every this many iterations; 0 = only at the end.")
+    seeds: int = opt(1, "Images per eval prompt (fixed seeds).")
     min_category_images: int = opt(
-        96, "More seeds for the prompts of small categories, so that every category gets at least "
+        0, "More seeds for the prompts of small categories, so that every category gets at least "
             "this many images (0 = eval.seeds for every prompt). The headline is the mean over "
             "categories: a 1-prompt category at 8 images would move it by 2 points from noise alone.")
     seed: int = opt(0, "Seed of the evaluation noise, independent of run.seed: runs with different "
                        "seeds are evaluated on the same images, so their numbers compare directly.")
     guidance_scale: float = opt(0.0, "Guidance weight at evaluation; 0 = sample.guidance_scale.")
-    batch_size: int = opt(128, "Per-rank evaluation batch.")
+    batch_size: int = opt(16, "Per-rank evaluation batch.")
     max_prompts: int = opt(0, "Evaluate at most this many prompts; 0 = all.")
 
 
@@ -286,7 +289,7 @@ class LogConfig:
 class CheckpointConfig:
     """Checkpoints (EMA weights, optimizer, RNG state) for resuming."""
 
-    every: int = opt(50, "Save a checkpoint every this many iterations, and at the end; 0 = only at the end.")
+    every: int = opt(60, "Save a checkpoint every this many iterations, and at the end; 0 = only at the end.")
     keep: int = opt(2, "Checkpoints kept; older ones are deleted.")
 
 
@@ -300,7 +303,7 @@ class DistributedConfig:
     activation_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     reshard_after_forward: bool = opt(True, "FSDP: free gathered parameters after forward (less memory, "
                                             "more communication).")
-    cpu_ranks: int = opt(0, "Started without torchrun on a CPU: run this many ranks on this machine "
+    cpu_ranks: int = opt(1, "Started without torchrun on a CPU: run this many ranks on this machine "
                             "(torch's launcher, standalone), the CPU threads split between them. Small "
                             "convolutional models train about 1.5x faster as two one-thread ranks than as "
                             "one two-thread process. 0 = auto: the most ranks, up to the CPU threads "
@@ -596,10 +599,9 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"config: cannot read {path}: {e}") from None
 
 
-def config_from_dict(data: dict) -> Config:
-    """A Config from nested dicts ({section: {key: value}}) over the defaults; unknown sections or
-    keys and wrong types raise ConfigError. Sections and keys left out keep their defaults."""
-    cfg = Config()
+def _apply_table(cfg: Config, data: dict, source: str, sources: dict[str, str] | None = None) -> None:
+    """Set the options of ``data`` ({section: {key: value}}) on ``cfg``, recording ``source`` per
+    key; unknown sections or keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a table of sections, got {_show(data)}")
     for section, table in data.items():
@@ -611,8 +613,72 @@ def config_from_dict(data: dict) -> Config:
         for key, value in table.items():
             if key not in _fields(section):
                 raise _unknown_key(section, key)
-            setattr(obj, key, _coerce_field(section, key, value))
+            setattr(obj, key, _coerce_field(section, key, copy.deepcopy(value)))
+            if sources is not None:
+                sources[f"{section}.{key}"] = source
+
+
+def _kind_in(data: dict) -> str | None:
+    model = data.get("model") if isinstance(data, dict) else None
+    kind = model.get("kind") if isinstance(model, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def preset_config(kind: str | None = None, sources: dict[str, str] | None = None) -> Config:
+    """The schema's defaults with the preset of ``kind`` (fastflow.presets; None = model.kind's
+    default) applied."""
+    from fastflow import presets
+
+    cfg = Config()
+    kind = kind or cfg.model.kind
+    _apply_table(cfg, presets.preset(kind), f"preset {kind}", sources)
+    cfg.model.kind = kind if kind in _model_kinds() else cfg.model.kind  # an unknown kind: validate names it
+    if sources is not None:
+        sources.setdefault("model.kind", "default")
     return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """A Config from nested dicts ({section: {key: value}}) over the defaults of its model.kind
+    (the schema's, with that kind's preset); unknown sections or keys and wrong types raise
+    ConfigError. Sections and keys left out keep their defaults."""
+    cfg = preset_config(_kind_in(data))
+    _apply_table(cfg, data, "dict")
+    return cfg
+
+
+#: How deep ``extends`` chains may go (a longer chain is almost certainly a mistake).
+MAX_EXTENDS = 8
+
+
+def _file_layers(path: str) -> list[tuple[str, dict]]:
+    """The TOML tables a config file stands for, base first: its ``extends`` file (a path relative
+    to the file's folder; itself possibly extending another), then the file. ``extends`` is the
+    only top-level key outside the sections."""
+    chain: list[tuple[str, dict]] = []
+    seen: list[Path] = []
+    current: Path | None = Path(path)
+    while current is not None:
+        resolved = current.expanduser().resolve()
+        if resolved in seen:
+            names = " -> ".join(str(s) for s in seen + [resolved])
+            raise ConfigError(f"config: extends makes a cycle: {names}")
+        if len(seen) >= MAX_EXTENDS:
+            raise ConfigError(f"config: extends chain of {path} is longer than {MAX_EXTENDS} files")
+        seen.append(resolved)
+        data = _read_toml(str(current))
+        base = data.pop("extends", None)
+        chain.append((os.path.normpath(str(current)), data))  # sub/../base.toml reads as base.toml
+        if base is None:
+            current = None
+        elif not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"config: {current}: extends must be the path of a TOML file, got {_show(base)}")
+        else:
+            nxt = Path(base).expanduser()
+            current = nxt if nxt.is_absolute() else current.parent / nxt
+            if not current.is_file():
+                raise ConfigError(f"config: {chain[-1][0]}: extends {base}: file not found: {current}")
+    return chain[::-1]
 
 
 def _parse_literal(raw: str) -> tuple[bool, Any]:
@@ -706,11 +772,38 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a TOML config (None = the embedded defaults), then apply CLI-style overrides.
 
+    Resolution, later wins: the schema's defaults (the paper's SD3.5-M recipe), the preset of the
+    resolved model.kind (fastflow.presets: the shapes task, FLUX.1, Qwen-Image, klein), the config
+    file's ``extends`` chain (base first), the file, the overrides. Where each value came from is
+    kept in ``sources_of(cfg)`` (what ``--print-config`` shows).
+
     Unknown sections/keys and wrong types raise ConfigError here; the remaining checks (choices,
     ranges, batch arithmetic, files) are in :func:`validate`.
     """
-    cfg = config_from_dict(_read_toml(path)) if path is not None else Config()
-    return apply_overrides(cfg, overrides)
+    layers = _file_layers(path) if path is not None else []
+    kind = None
+    for _, data in layers:
+        kind = _kind_in(data) or kind
+    for name, raw in _split_overrides(overrides):
+        if name == "model.kind" and raw is not None:
+            ok, value = _parse_literal(raw)
+            kind = value if ok and isinstance(value, str) else raw
+    sources: dict[str, str] = {}
+    cfg = preset_config(kind, sources)
+    for label, data in layers:
+        _apply_table(cfg, data, f"file {label}", sources)
+    apply_overrides(cfg, overrides)
+    for name, raw in _split_overrides(overrides):
+        section, key, _ = _resolve(name)
+        sources[f"{section}.{key}"] = "command line"
+    object.__setattr__(cfg, "_sources", sources)
+    return cfg
+
+
+def sources_of(cfg: Config) -> dict[str, str]:
+    """Where each option of a loaded config came from: "default", "preset KIND", "file PATH" or
+    "command line" (keys absent from the result: the schema's default)."""
+    return dict(getattr(cfg, "_sources", {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -723,10 +816,12 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {s: copy.deepcopy(dataclasses.asdict(getattr(cfg, s))) for s in SECTIONS}
 
 
-def to_toml(cfg: Config, *, comments: bool = True) -> str:
+def to_toml(cfg: Config, *, comments: bool = True, sources: bool = False) -> str:
     """The config as a TOML document that load_config reads back to an equal Config; with
-    ``comments`` each option is preceded by its help text."""
+    ``comments`` each option is preceded by its help text; with ``sources`` each value is followed
+    by where it came from (``# from: preset shapes``; see :func:`load_config`)."""
     lines: list[str] = []
+    origin = sources_of(cfg) if sources else {}
     for s, values in config_to_dict(cfg).items():
         if lines:
             lines.append("")
@@ -736,7 +831,10 @@ def to_toml(cfg: Config, *, comments: bool = True) -> str:
         for k, f in _fields(s).items():
             if comments:
                 lines.append(f"# {_help_line(s, f)}")
-            lines.append(f"{k} = {_toml_value(values[k])}")
+            line = f"{k} = {_toml_value(values[k])}"
+            if sources:
+                line += f"  # from: {origin.get(f'{s}.{k}', 'default')}"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -1153,9 +1251,15 @@ _MD_INTRO = """\
 <!-- Generated by `python -m fastflow.config --markdown > docs/config.md`; do not edit by hand
      (tests/test_config.py fails when this file is out of date). -->
 
-A run is one TOML file with the sections below; every option has a default, and together the
-defaults are the embedded shapes run (`python -m fastflow.train` with no file). The schema lives in
-`fastflow/config.py` (one dataclass per section).
+A run is one TOML file with the sections below. The schema lives in `fastflow/config.py` (one
+dataclass per section); its defaults (the tables below) are the paper's: Flow-GRPO on SD3.5-Medium
+with PickScore. `model.kind` selects a preset of defaults on top (`fastflow/presets.py`, listed at
+the end): the embedded shapes task (the default kind: `python -m fastflow.train` with no file),
+FLUX.1-dev, Qwen-Image and FLUX.2 [klein] with their published recipes. A config states only what
+differs from its model's defaults; a file may start with `extends = "base.toml"` (a path relative
+to the file) to build on another config, which may itself extend one. Resolution, later wins:
+schema defaults, the kind's preset, the `extends` chain (base first), the file, the command line.
+Table options (`reward.weights`, `reward.options`) are replaced whole, not merged.
 
 ```
 python -m fastflow.train [CONFIG.toml] [--print-config] [--resume [PATH]] [--section.key VALUE ...]
@@ -1168,8 +1272,9 @@ python -m fastflow.train configs/pickscore.toml --plan --plan-gpus 8 --plan-gpu-
   also take bare text (`--run.name my_run`). A boolean option given alone means `true`
   (`--model.compile`). One entry of a table option can be set with a longer key:
   `--reward.weights.ocr 0.5`, `--reward.options.ocr.engine rapidocr`.
-- **`--print-config`** prints the resolved config as TOML (it loads back to the same config) and
-  exits; **`--resume`** alone resumes from the latest checkpoint of the run directory, `--resume PATH`
+- **`--print-config`** prints the resolved config as TOML (it loads back to the same config), each
+  value followed by where it came from (`# from: default`, `preset shapes`, `file configs/x.toml`,
+  `command line`), and exits; **`--resume`** alone resumes from the latest checkpoint of the run directory, `--resume PATH`
   from a given one.
 - **`--plan`** prints the per-rank memory plan of the run (weights, gradients, optimizer state,
   FSDP2 gathers, rollout storage, activations, by phase) against the GPU's memory and exits: 0 when
@@ -1223,6 +1328,19 @@ def render_markdown() -> str:
             default = _toml_value(defaults[s][k]).replace("|", "\\|")
             meaning = _help_line(s, f, static=True).replace("|", "\\|")
             out.append(f"| `{k}` | {_type_name(_type_of(s, k))} | `{default}` | {meaning} |")
+    from fastflow import presets
+
+    out.append("\n## Presets per model kind\n")
+    out.append("What `model.kind` changes from the defaults above (`fastflow/presets.py`); a kind not "
+               "listed (`sd3`) takes the defaults as they are.\n")
+    out.append("| kind | options |")
+    out.append("|---|---|")
+    for kind, table in presets.PRESETS.items():
+        if not table or (kind == "toy" and table is presets.PRESETS["shapes"]):
+            continue
+        items = ", ".join(f"`{sec}.{k} = {_toml_value(v)}`".replace("|", "\\|")
+                          for sec, vals in table.items() for k, v in vals.items())
+        out.append(f"| `{kind}`{' (and `toy`)' if kind == 'shapes' else ''} | {items} |")
     return "\n".join(out) + "\n"
 
 

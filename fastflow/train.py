@@ -1057,7 +1057,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_cli(sys.argv[1:] if argv is None else argv)
         if args.print_config:
-            print(to_toml(args.config), end="")
+            print(to_toml(args.config, sources=True), end="")  # each value with where it came from
             return 0
         if args.plan:  # the memory plan only: nothing loads, no GPU needed (fastflow.plan)
             from fastflow.plan import plan_command

@@ -90,7 +90,7 @@ def test_toy_prompts_need_a_colour_word_and_other_models_take_any_text(tmp_path)
         validate(load_config(None, ["--model.kind", "toy", "--reward.weights", "{toy_color = 1.0}",
                                     "--data.train_prompts", str(bad)]))
     validate(load_config(None, ["--model.kind", "sd3", "--reward.weights", "{clipscore = 1.0}",
-                                "--data.train_prompts", str(bad)]))
+                                "--data.train_prompts", str(bad), "--data.eval_prompts", str(bad)]))
 
 
 def test_train_cli_stops_in_validation_before_any_run_directory(tmp_path, capsys):

@@ -15,7 +15,8 @@ from fastflow.config import (SECTIONS, CliArgs, Config, ConfigError, Derived, _f
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The defaults: the embedded shapes run on a CPU (configs/shapes.toml spells out the same values).
+# The embedded default (no config file): the shapes task on a CPU, the schema's defaults with the
+# shapes preset (configs/shapes.toml spells out the same values).
 SPEC_DEFAULTS = {
     "run": dict(name="shapes", output_dir="runs", seed=0, device="auto", iterations=300, max_minutes=15.0),
     "model": dict(kind="shapes", path="", dtype="float32", finetune="lora", lora_rank=16, lora_alpha=32.0,
@@ -82,8 +83,8 @@ def check(overrides: list[str], world_size: int = 1) -> str:
 
 
 def test_defaults_are_the_specified_shapes_run():
-    assert config_to_dict(Config()) == SPEC_DEFAULTS
-    assert load_config() == Config()
+    assert config_to_dict(load_config()) == SPEC_DEFAULTS
+    assert load_config() == C.preset_config("shapes") == C.preset_config()
     # Types of defaults follow the annotations (a float default written as 0 would break to_toml).
     for s, cls in C.SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -96,11 +97,37 @@ def test_defaults_do_not_share_mutable_state():
     a, b = Config(), Config()
     a.reward.weights["other"] = 2.0
     a.model.lora_targets.append("to_q")
-    assert b.reward.weights == {"shapes": 1.0} and b.model.lora_targets == []
+    assert b.reward.weights == {"pickscore": 1.0} and b.model.lora_targets == []
+
+
+def test_schema_defaults_are_the_papers_sd3_recipe():
+    """The schema's defaults are the paper's SD3.5-M PickScore run: configs/pickscore.toml, which
+    spells out every key, differs from them only in its name and the model kind (the schema's
+    kind is the embedded shapes task)."""
+    schema = config_to_dict(Config())
+    paper = config_to_dict(load_config(str(ROOT / "configs" / "pickscore.toml")))
+    assert {(s, k) for s in schema for k in schema[s] if schema[s][k] != paper[s][k]} == \
+        {("run", "name"), ("model", "kind")}
+    assert config_to_dict(load_config(None, ["--model.kind", "sd3"]))["train"] == paper["train"]
+
+
+def test_presets_name_schema_options_of_registered_kinds():
+    from fastflow import models, presets
+
+    assert set(presets.PRESETS) == set(models.REGISTRY)
+    for kind, table in presets.PRESETS.items():
+        cfg = C.preset_config(kind)
+        assert cfg.model.kind == kind
+        for section, values in table.items():
+            for key, value in values.items():  # every key exists and has the schema's type
+                assert getattr(getattr(cfg, section), key) == C._coerce_field(section, key, value)
+        prompts = str(ROOT / "fastflow" / "shapes" / "prompts_train.txt")  # any local file (not fetched sets)
+        files = [] if kind in ("shapes", "toy") else ["--data.train_prompts", prompts, "--data.eval_prompts", prompts]
+        validate(load_config(None, ["--model.kind", kind, *files]), 1 if kind in ("shapes", "toy") else 8)
 
 
 def test_default_config_validates():
-    d = validate(Config())
+    d = validate(load_config())
     assert isinstance(d, Derived)
     with pytest.raises(dataclasses.FrozenInstanceError):
         d.world_size = 2  # type: ignore[misc]
@@ -125,7 +152,7 @@ shapes = 0.5
     assert cfg.run.name == "pick" and cfg.run.iterations == 5
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.reward.weights == {"shapes": 0.5}
-    assert cfg.sample == Config().sample  # untouched sections keep their defaults
+    assert cfg.sample == load_config().sample  # untouched sections keep their defaults (shapes: no kind given)
 
 
 @pytest.mark.parametrize("overrides, section, key, expected", [
@@ -491,7 +518,7 @@ def test_parse_cli(tmp_path):
     assert args.config.model.compile is True and args.config.sample.kind == "cps"
 
     empty = parse_cli([])
-    assert empty.config == Config() and empty.config_path is None and not empty.print_config
+    assert empty.config == load_config() and empty.config_path is None and not empty.print_config
     assert empty.overrides == ()
 
 
@@ -600,15 +627,69 @@ def test_cps_with_kl_must_not_train_the_noiseless_last_step():
 
 
 def test_shapes_config_is_the_embedded_default():
-    assert load_config(str(ROOT / "configs" / "shapes.toml")) == Config()
+    assert load_config(str(ROOT / "configs" / "shapes.toml")) == load_config()
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
-def test_every_shipped_config_spells_out_every_key(name):
-    """A key a shipped config leaves out takes the built-in default, which is the shapes run on a
-    CPU (a 15-minute budget, a 2-step SDE window...): every shipped file sets every key."""
-    import tomllib
+RESOLVED = ROOT / "tests" / "data" / "resolved_configs.json"
 
-    raw = tomllib.loads((ROOT / "configs" / name).read_text(encoding="utf-8"))
-    missing = [f"{s}.{k}" for s in SECTIONS for k in _fields(s) if k not in raw.get(s, {})]
-    assert not missing, f"configs/{name} leaves out {missing}"
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.toml")) + ["(none)"])
+def test_every_shipped_config_resolves_to_its_recorded_values(name):
+    """Every value of every shipped config, as recorded when the configs still spelled out every
+    key (tests/data/resolved_configs.json). Defaults per model kind, base files and slimmer
+    configs must not change a single resolved value; a new config records its values there
+    (a deliberate change updates the record and says why in its commit)."""
+    import json
+
+    recorded = json.loads(RESOLVED.read_text())
+    assert name in recorded, f"configs/{name} has no record in {RESOLVED.name}"
+    got = config_to_dict(load_config(None if name == "(none)" else str(ROOT / "configs" / name)))
+    diff = [f"{s}.{k}: {recorded[name][s][k]!r} -> {got[s][k]!r}" for s in recorded[name] for k in recorded[name][s]
+            if recorded[name][s][k] != got[s][k]]
+    assert not diff, diff
+    assert set(got) == set(recorded[name]) and all(set(got[s]) == set(recorded[name][s]) for s in got)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets, extends, sources
+# ----------------------------------------------------------------------------------------------
+
+
+def test_extends_presets_and_where_each_value_came_from(tmp_path):
+    base = write(tmp_path, '[model]\nkind = "flux"\n[train]\nlr = 1e-5\nbeta = 0.02\n', "base.toml")
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path, 'extends = "../base.toml"\n[run]\nname = "child"\n[train]\nbeta = 0.0\n', "sub/child.toml")
+    cfg = load_config(child, ["--train.lr", "2e-5"])
+    assert cfg.model.kind == "flux" and cfg.sample.train_steps == 6 and cfg.model.lora_rank == 64  # the flux preset
+    assert cfg.train.beta == 0.0 and cfg.train.lr == 2e-5 and cfg.run.name == "child"
+    assert cfg.train.clip_range == Config().train.clip_range  # neither preset nor file: the schema's
+    src = C.sources_of(cfg)
+    assert src["model.kind"] == f"file {base}" and src["sample.train_steps"] == "preset flux"
+    assert src["train.beta"] == f"file {child}" and src["train.lr"] == "command line"
+    assert "train.clip_range" not in src
+    text = to_toml(cfg, sources=True)
+    assert "train_steps = 6  # from: preset flux\n" in text and "clip_range = 0.0001  # from: default\n" in text
+    assert load_config(write(tmp_path, text, "printed.toml")) == cfg  # --print-config output loads back
+    # the command line's kind selects the preset, over the file's
+    assert load_config(child, ["--model.kind", "qwenimage"]).sample.noise_level == 1.2
+
+
+def test_print_config_names_the_source_of_every_value(capsys):
+    from fastflow import train
+    assert train.main(["--print-config", "--train.lr", "5e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "lr = 0.0005  # from: command line\n" in out and 'name = "shapes"  # from: preset shapes\n' in out
+    assert "clip_range = 0.0001  # from: default\n" in out
+
+
+def test_bad_extends_is_one_line(tmp_path):
+    a = write(tmp_path, 'extends = "b.toml"\n', "a.toml")
+    write(tmp_path, 'extends = "a.toml"\n', "b.toml")
+    assert "extends makes a cycle" in error_of(load_config, a)
+    missing = write(tmp_path, 'extends = "nope.toml"\n', "m.toml")
+    assert "extends nope.toml: file not found" in error_of(load_config, missing)
+    bad = write(tmp_path, 'extends = 3\n', "n.toml")
+    assert "extends must be the path of a TOML file, got 3" in error_of(load_config, bad)
+    chain = [write(tmp_path, f'extends = "c{i + 1}.toml"\n', f"c{i}.toml") for i in range(C.MAX_EXTENDS + 1)]
+    write(tmp_path, "", f"c{C.MAX_EXTENDS + 1}.toml")
+    assert "longer than" in error_of(load_config, chain[0])

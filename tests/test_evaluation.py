@@ -20,6 +20,7 @@ from fastflow import train as train_mod  # noqa: E402
 from fastflow.config import load_config, to_toml, validate  # noqa: E402
 from fastflow.distributed import DistInfo  # noqa: E402
 from fastflow.models._tiny import save_tiny_sd3  # noqa: E402
+from tests.test_real_model_path import cpu_test_values  # noqa: E402
 
 SOLO = DistInfo(0, 1, 0, torch.device("cpu"))
 PROMPTS = ["a red cube", "a blue ball", "a green cat"]
@@ -52,7 +53,7 @@ def sd3_pipe(tmp_path_factory):
 def _config(tmp_path, pipe, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = ["--model.kind", "sd3", "--model.path", str(pipe), "--model.resolution", "32",
+    args = [*cpu_test_values("sd3"), "--model.kind", "sd3", "--model.path", str(pipe), "--model.resolution", "32",
             "--model.lora_rank", "4", "--model.lora_alpha", "8", "--reward.weights", "{toy_color=1.0}",
             "--data.train_prompts", str(prompts), "--data.eval_prompts", str(prompts),
             "--data.prompt_cache", str(tmp_path / "cache"),

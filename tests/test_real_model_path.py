@@ -36,10 +36,21 @@ def prompt_file(tmp_path_factory):
     return p
 
 
+def cpu_test_values(kind: str) -> list[str]:
+    """Overrides that give a tiny ``kind`` pipeline the CPU values of the shapes preset (float32,
+    every step trained, EMA each step, ...) where ``kind``'s own defaults (its published GPU recipe:
+    bf16, a KL of 0.01, ...) differ; a test's own arguments come after and win."""
+    from fastflow import config as C
+
+    cpu, own = C.config_to_dict(C.preset_config("shapes")), C.config_to_dict(C.preset_config(kind))
+    return [tok for s in cpu for k in cpu[s] if cpu[s][k] != own[s][k] and (s, k) not in (("model", "kind"), ("run", "name"))
+            for tok in (f"--{s}.{k}", C._toml_value(cpu[s][k]))]
+
+
 def trainer(tmp_path, kind, pipe, prompts, *extra, device=SOLO):
     """A one-process trainer of the tiny ``kind`` pipeline: 3 prompts x 4 images, 3 steps (all SDE
     and trained), the paper's clip range 1e-4, one optimizer step per iteration."""
-    args = ["--model.kind", kind, "--model.path", str(pipe), "--model.resolution", "32",
+    args = [*cpu_test_values(kind), "--model.kind", kind, "--model.path", str(pipe), "--model.resolution", "32",
             "--model.lora_rank", "4", "--model.lora_alpha", "8", "--reward.weights", "{toy_color=1.0}",
             "--data.train_prompts", str(prompts), "--data.eval_prompts", str(prompts),
             "--data.prompt_cache", str(tmp_path / "cache"),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file  # noqa: E402
 from fastflow import train as train_mod  # noqa: E402
 from fastflow.config import load_config, validate  # noqa: E402
 from fastflow.models._tiny import save_tiny_flux2_klein, save_tiny_qwenimage  # noqa: E402
-from tests.test_real_model_path import SOLO, one_iteration, trainer  # noqa: E402
+from tests.test_real_model_path import SOLO, cpu_test_values, one_iteration, trainer  # noqa: E402
 
 PROMPTS = ["a red cube", "a blue ball", "a green cat"]
 KINDS = ["qwenimage", "flux2_klein"]
@@ -151,7 +151,7 @@ def test_full_finetune_run_exports_a_from_pretrained_transformer(tmp_path, pipes
 
 def _fsdp_args(kind, out_dir, pipe, prompts, *extra):
     """A two-iteration FSDP2 run of the tiny ``kind`` pipeline with the toy colour reward."""
-    return ["--model.kind", kind, "--model.path", str(pipe), "--model.resolution", "32",
+    return [*cpu_test_values(kind), "--model.kind", kind, "--model.path", str(pipe), "--model.resolution", "32",
             "--model.lora_rank", "4", "--model.lora_alpha", "8", "--reward.weights", "{toy_color=1.0}",
             "--data.train_prompts", str(prompts), "--data.eval_prompts", str(prompts),
             "--sample.group_size", "4", "--sample.prompts_per_iter", "3", "--sample.batch_size", "3",
