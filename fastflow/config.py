@@ -15,12 +15,12 @@ well under a second instead of after minutes of loading.
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
 import difflib
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import typing
