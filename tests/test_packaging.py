@@ -79,3 +79,12 @@ def test_bitsandbytes_does_not_load_the_repository_kernels():
     assert r.returncode == 0, r.stderr[-1500:]
     assert r.stdout.strip() == "False"
     assert "/kernels" not in r.stderr  # no warning pointing into our folder
+
+
+def test_rewards_do_not_import_the_models():
+    # The reward registry and the model registry share fastflow.registry; a reward server or a
+    # reward client must not pull in the model adapters (and their diffusers import).
+    r = _run_from_root("import sys, fastflow.rewards\n"
+                       "print(sorted(m for m in sys.modules if m.startswith('fastflow.models')))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ Policy.
 
 from __future__ import annotations
 
-import importlib
+from fastflow.registry import resolve  # noqa: F401  (re-exported)
 
 REGISTRY: dict[str, str] = {
     "toy": "fastflow.models.toy:build_policy",
@@ -22,11 +22,6 @@ REGISTRY: dict[str, str] = {
 # Image sides a model takes are multiples of this (VAE downsampling x transformer patch): checked
 # by fastflow.config.validate before the weights load. Kinds with a fixed size are absent.
 RESOLUTION_MULTIPLE: dict[str, int] = {"sd3": 16, "flux": 16, "qwenimage": 16, "flux2_klein": 16}
-
-
-def resolve(spec: str):
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def build_policy(cfg, device):

@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from fastflow.models import resolve
+from fastflow.registry import resolve
 
 REGISTRY: dict[str, str] = {
     "toy_color": "fastflow.models.toy:ColorReward",
