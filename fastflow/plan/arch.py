@@ -153,8 +153,11 @@ def resolve_arch(kind: str, path: str) -> Arch:
 def quiet() -> contextlib.ExitStack:
     """diffusers / transformers log at model construction (e.g. dtype casts); silenced here,
     where the models are only measured."""
+    import importlib
+
     stack = contextlib.ExitStack()
     for name in ("diffusers", "transformers"):
+        importlib.import_module(name)  # its import sets its logger's level: import first, then lower it
         lg = logging.getLogger(name)
         prev = lg.level
         lg.setLevel(logging.ERROR)
