@@ -1,6 +1,6 @@
 """Defaults per model kind: what ``model.kind`` selects on top of the schema's defaults.
 
-The schema's defaults (fastflow/config.py) are the paper's: Flow-GRPO on SD3.5-Medium with
+The schema's defaults (fastflow/config/schema.py) are the paper's: Flow-GRPO on SD3.5-Medium with
 PickScore, the authors' published settings. A config then states only what differs from its
 model's recipe. Each preset below is one model's published recipe where it differs from the paper's:
 
