@@ -268,7 +268,7 @@ def test_fsdp2_chunks():
 
 # ------------------------------------------------------------------------------------ activations
 
-def _profiled_step(policy, cfg) -> tuple[int, int]:
+def _profiled_step(policy, cfg, ckpt: bool) -> tuple[int, int]:
     """CPU profiler peaks of one trained step as the trainer runs it (the policy forward with
     grad, the reference forward, the per-step loss, the backward; gradients already allocated by
     an earlier step) and of one no-grad rollout step, above what was alive before."""
@@ -276,6 +276,8 @@ def _profiled_step(policy, cfg) -> tuple[int, int]:
     from fastflow.rollout import recompute_step, sample
     from fastflow.runtime import forward_context
 
+    if ckpt:  # as the trainer applies it: every block of the transformer
+        parallel.apply_activation_checkpointing(parallel.policy_modules(policy)[1])
     fwd = forward_context(cfg, torch.device("cpu"))
     s = cfg.sample
     cond = policy.encode_prompts(["a red cube", "a blue ball", "a green cat"][: s.batch_size])
@@ -301,25 +303,28 @@ def _profiled_step(policy, cfg) -> tuple[int, int]:
     return train, roll
 
 
-@pytest.mark.parametrize("kind,finetune", [("sd3", "lora"), ("flux", "full")])
-def test_activation_estimate_within_tolerance_of_the_cpu_peak(tmp_path, pipes, kind, finetune):
+@pytest.mark.parametrize("kind,finetune,ckpt", [("sd3", "lora", False), ("flux", "full", True)])
+def test_activation_estimate_within_tolerance_of_the_cpu_peak(tmp_path, pipes, kind, finetune, ckpt):
     """The plan's training and rollout activations (bf16) against the CPU profiler's peaks of the
-    real policy, at 32 and 64 px (SD3: 64 and 256 image tokens; FLUX: 16 and 64)."""
+    real policy, at 32 and 64 px (SD3: 64 and 256 image tokens; FLUX: 16 and 64), without and with
+    activation checkpointing."""
     from fastflow.models import build_policy
     from fastflow.plan.activations import activations
 
     errors = []
     for res in (32, 64):
         argv = tiny_args(kind, pipes[kind], pipes["prompts"], tmp_path, "--model.finetune", finetune,
-                         "--model.dtype", "bfloat16", "--model.resolution", str(res))
+                         "--model.dtype", "bfloat16", "--model.resolution", str(res),
+                         "--distributed.activation_checkpointing", str(ckpt).lower())
         cfg = load_config(None, argv)
         layout = plan.build_layout(cfg, shard=False)
         b = (cfg.sample.batch_size, 2 if kind == "sd3" else 1)
         act = activations(cfg, layout, torch.bfloat16, False, finetune == "full", b, b, b, False, 1)
         torch.manual_seed(0)
-        train, roll = _profiled_step(build_policy(cfg, torch.device("cpu")), cfg)
-        errors.append((res, (act["train"] - train) / train, (act["rollout"] - roll) / roll))
-    print(f"{kind} {finetune} activation error (res, train, rollout): {errors}", file=sys.stderr)
+        train, roll = _profiled_step(build_policy(cfg, torch.device("cpu")), cfg, ckpt)
+        planned = act["train_ckpt" if ckpt else "train"]
+        errors.append((res, (planned - train) / train, (act["rollout"] - roll) / roll))
+    print(f"{kind} {finetune} ckpt {ckpt} activation error (res, train, rollout): {errors}", file=sys.stderr)
     for res, e_train, e_roll in errors:
         assert abs(e_train) <= ACT_TOLERANCE and abs(e_roll) <= ACT_TOLERANCE, errors
 
