@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from fastflow import runtime
-from fastflow.models.lora import TunedTransformerPolicy
-from fastflow.models.sd3 import MAX_SEQUENCE_LENGTH, _model_cfg, load_pipeline, parse_dtype, place
+from fastflow.models.sd3 import MAX_SEQUENCE_LENGTH
+from fastflow.models.transformer_policy import TunedTransformerPolicy, _model_cfg, load_pipeline, parse_dtype, place
 
 DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
 PAPER_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",

@@ -45,9 +45,8 @@ import torch
 from torch import Tensor
 
 from fastflow import runtime
-from fastflow.models.lora import TunedTransformerPolicy
 from fastflow.models.qwenimage import check_step_counts, scheduler_config_of, scheduler_sigmas
-from fastflow.models.sd3 import _model_cfg, load_pipeline, parse_dtype, place
+from fastflow.models.transformer_policy import TunedTransformerPolicy, _model_cfg, load_pipeline, parse_dtype, place
 from fastflow.sde import GuidedVelocity
 
 DEFAULT_PATH = "black-forest-labs/FLUX.2-klein-base-4B"

@@ -53,8 +53,7 @@ import torch
 from torch import Tensor
 
 from fastflow import runtime
-from fastflow.models.lora import TunedTransformerPolicy
-from fastflow.models.sd3 import _model_cfg, load_pipeline, parse_dtype, place
+from fastflow.models.transformer_policy import TunedTransformerPolicy, _model_cfg, load_pipeline, parse_dtype, place
 
 log = logging.getLogger("fastflow.models.qwenimage")
 

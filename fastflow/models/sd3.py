@@ -19,72 +19,26 @@ Conventions (FLOW_GRPO.md and the authors' public code):
   which the text encoders may leave the device (model.offload_text_encoders);
 - LoRA targets (paper): the joint-attention projections of every block's ``attn``.
 
-Also home of the small helpers the FLUX policy shares (loading, placement).
+The helpers the diffusers policies share (loading, placement) live in
+fastflow.models.transformer_policy.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from fastflow import runtime
-from fastflow.models.lora import TunedTransformerPolicy
+from fastflow.models.transformer_policy import (  # noqa: F401  (load_pipeline ... re-exported)
+    TunedTransformerPolicy, _dtype_kwarg, _model_cfg, load_pipeline, parse_dtype, place)
 from fastflow.sde import GuidedVelocity, flow_sigmas
 
 DEFAULT_PATH = "stabilityai/stable-diffusion-3.5-medium"
 MAX_SEQUENCE_LENGTH = 128
 PAPER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                  "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> torch.bfloat16 (model.dtype's allowed names)."""
-    return runtime.parse_dtype(name)
-
-
-def _dtype_kwarg() -> str:
-    """The name diffusers' loaders take the dtype under: ``dtype`` where it exists (``torch_dtype``
-    is deprecated there), ``torch_dtype`` in the releases before it."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
-
-
-def load_pipeline(pipeline_cls, path: str, dtype: torch.dtype):
-    """``pipeline_cls.from_pretrained(path)`` (hub id or local directory) or ``from_single_file``
-    for a single weights file; a failure becomes one line naming model.path."""
-    kw = {_dtype_kwarg(): dtype}
-    try:
-        if os.path.isfile(path):
-            return pipeline_cls.from_single_file(path, **kw)
-        return pipeline_cls.from_pretrained(path, **kw)
-    except Exception as e:  # noqa: BLE001 - re-raised with the config key that caused it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model.path {path!r}: cannot load a {pipeline_cls.__name__}: {first}") from e
-
-
-def place(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move ``module`` to ``device`` and cast it to ``dtype`` only when it is not already in it
-    (diffusers warns on every cast, even a no-op one). The cast happens on the host side of the
-    move when it widens (no second, wider copy on the device)."""
-    widen = any(p.dtype != dtype and p.dtype.itemsize < dtype.itemsize for p in module.parameters())
-    if widen:
-        module.to(dtype=dtype)
-    module.to(device)
-    if any(p.dtype != dtype for p in module.parameters()):
-        module.to(dtype=dtype)
-    return module
-
-
-def _model_cfg(cfg):
-    m = cfg.model
-    targets = list(getattr(m, "lora_targets", []) or [])
-    return m, targets
 
 
 class SD3Policy(TunedTransformerPolicy):
