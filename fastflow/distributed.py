@@ -148,3 +148,24 @@ def broadcast_str(s: str, info: DistInfo, src: int = 0) -> str:
     buf = data if info.rank == src else torch.empty(int(n), dtype=torch.uint8, device=dev)
     dist.broadcast(buf, src)
     return bytes(buf.cpu().tolist()).decode()
+
+
+def local_cpu_ranks(cfg) -> int:
+    """How many ranks a run started without torchrun on a CPU launches (``distributed.cpu_ranks``;
+    0 = the most, up to the CPU threads and 8, that the batch splits over). 1 under torchrun, on
+    a GPU, or for a single-process strategy."""
+    from fastflow.config import ConfigError, validate
+
+    if under_launcher() or pick_device(cfg.run.device).type != "cpu" or cfg.distributed.strategy == "none":
+        return 1
+    if cfg.distributed.cpu_ranks:
+        if cfg.distributed.cpu_ranks > 1:
+            validate(cfg, cfg.distributed.cpu_ranks)  # a batch that does not split: one clear line
+        return cfg.distributed.cpu_ranks
+    for n in range(min(cpu_threads(), 8), 1, -1):
+        try:
+            validate(cfg, n)
+            return n
+        except ConfigError:
+            continue
+    return 1

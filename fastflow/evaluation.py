@@ -15,7 +15,7 @@ credit from its exact verifier) is judged by it; any other (SD3.5, FLUX, ...) by
 from __future__ import annotations
 
 import zlib
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -99,3 +99,66 @@ def sample_images(policy, texts: Sequence[str], pairs: Sequence[tuple[int, int]]
         traj = run(cond, num_steps=steps, guidance_scale=guidance_scale, noise_level=0.0, kind="ode",
                    seeds=seeds, autocast=autocast, device=device)
         yield start, policy.decode(traj.final).float().cpu()
+
+
+# ------------------------------------------------------------------ what the trainer logs of an evaluation
+
+def prompt_category(policy, prompt) -> str:
+    """A fastflow.data.Prompt's category: its metadata's ``category`` / ``tag``, else the policy's,
+    else "all"."""
+    cat = prompt.metadata.get("category") or prompt.metadata.get("tag")
+    if cat is None and hasattr(policy, "prompt_category"):
+        cat = policy.prompt_category(prompt.text)
+    return str(cat) if cat else "all"
+
+
+def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A per-category table of every eval metric, before vs after."""
+    rows = sorted({k for k in after if k.startswith("eval/") and k.count("/") == 2
+                   and not k.startswith("eval/time")})
+    if {k.split("/")[1] for k in rows} == {"all", "overall"}:  # one category: "all" repeats "overall"
+        rows = [k for k in rows if not k.startswith("eval/all/")]
+    if not rows:
+        return "fastflow: no evaluation metrics"
+    lines = [f"{'category':<16} {'metric':<14} {'before':>8} {'after':>8} {'delta':>8}"]
+    summary = ("overall", "category_mean")  # after the categories: per image, then per category
+    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] in summary, k.split("/")[1])):
+        _, cat, metric = k.split("/")
+        b, a = before.get(k), after[k]
+        bs = f"{b:8.3f}" if isinstance(b, float) else f"{'-':>8}"
+        ds = f"{a - b:+8.3f}" if isinstance(b, float) else f"{'':>8}"
+        lines.append(f"{cat:<16} {metric:<14} {bs} {a:8.3f} {ds}")
+    return "\n".join(lines)
+
+
+class GroupDiversity:
+    """Within-group diversity of evaluation images: the mean absolute pixel difference (images in
+    [0, 1], pooled to at most 64 px) over every pair of images of one prompt (its seeds). Images
+    arrive prompt by prompt, so only one prompt's images are held at a time."""
+
+    def __init__(self, max_side: int = 64):
+        self.max_side = max_side
+        self.key, self.images = None, []
+        self.total, self.pairs = 0.0, 0
+
+    def add(self, key, image: Tensor) -> None:
+        if key != self.key:
+            self._flush()
+            self.key = key
+        if max(image.shape[-2:]) > self.max_side:
+            image = torch.nn.functional.adaptive_avg_pool2d(image[None], self.max_side)[0]
+        self.images.append(image.float())
+
+    def _flush(self) -> None:
+        n = len(self.images)
+        if n > 1:
+            flat = torch.stack(self.images).flatten(1)
+            d = torch.cdist(flat, flat, p=1) / flat.shape[1]
+            self.total += float(d.sum()) / 2
+            self.pairs += n * (n - 1) // 2
+        self.images = []
+
+    def totals(self) -> Tensor:
+        """[sum of pair distances, number of pairs] (float64, for a sum over ranks)."""
+        self._flush()
+        return torch.tensor([self.total, float(self.pairs)], dtype=torch.float64)

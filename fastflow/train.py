@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import logging
-import math
 import signal
 import sys
 import time
@@ -39,12 +37,15 @@ from fastflow.checkpoint import (check_checkpoint, is_sharded_checkpoint, latest
                                  optimizer_state_by_name, save_checkpoint, save_sharded_checkpoint)
 from fastflow.config import ConfigError, parse_cli, to_toml, validate
 from fastflow.data import Prompt, load_prompts
-from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str, cpu_threads,
-                                  init_distributed, launch_local, pick_device, shutdown, under_launcher,
-                                  world_size_from_env)
+from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str, init_distributed,
+                                  launch_local, local_cpu_ranks, pick_device, shutdown, world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
 from fastflow import evaluation
+from fastflow.evaluation import GroupDiversity, format_eval_table, prompt_category  # noqa: F401
+from fastflow.grids import GRID_PER_CATEGORY, save_before_after, save_grid  # noqa: F401
+from fastflow.seeding import (_EVAL_NOISE, _FM, _GLOBAL, _GROUP_NOISE, _NOISE, _PROMPTS,  # noqa: F401
+                              _SHUFFLE, derive_seed, generator)
 from fastflow.evaluation import seeds_per_prompt
 from fastflow.logs import setup_logging
 from fastflow.lr_schedule import lr_at
@@ -62,25 +63,6 @@ from fastflow.rollout import Trajectory, index_cond, recompute_step, sample, sde
 from fastflow.runtime import forward_context
 
 log = logging.getLogger("fastflow.train")
-
-
-# ----------------------------------------------------------------------------------- randomness
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across runs, platforms and processes)."""
-    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & (2**63 - 1)
-
-
-def generator(*parts: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(derive_seed(*parts))
-    return g
-
-
-# Stream ids keep the uses of (seed, iteration) apart.
-# (4 was the evaluation noise's; evaluation noise is now fastflow.evaluation.image_seed.)
-_PROMPTS, _NOISE, _SHUFFLE, _EVAL_NOISE, _GLOBAL, _GROUP_NOISE, _FM = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass
@@ -902,133 +884,6 @@ def load_prompt_split(cfg, policy, split: str) -> list[Prompt]:
         return list(policy.default_prompts(split))
     raise ConfigError(f"config: data.{split}_prompts is empty and model {cfg.model.kind!r} has no "
                       f"built-in prompt list; give a .txt or .jsonl prompt file")
-
-
-def prompt_category(policy, prompt: Prompt) -> str:
-    cat = prompt.metadata.get("category") or prompt.metadata.get("tag")
-    if cat is None and hasattr(policy, "prompt_category"):
-        cat = policy.prompt_category(prompt.text)
-    return str(cat) if cat else "all"
-
-
-def format_eval_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """A per-category table of every eval metric, before vs after."""
-    rows = sorted({k for k in after if k.startswith("eval/") and k.count("/") == 2
-                   and not k.startswith("eval/time")})
-    if {k.split("/")[1] for k in rows} == {"all", "overall"}:  # one category: "all" repeats "overall"
-        rows = [k for k in rows if not k.startswith("eval/all/")]
-    if not rows:
-        return "fastflow: no evaluation metrics"
-    lines = [f"{'category':<16} {'metric':<14} {'before':>8} {'after':>8} {'delta':>8}"]
-    summary = ("overall", "category_mean")  # after the categories: per image, then per category
-    for k in sorted(rows, key=lambda k: (k.split("/")[2], k.split("/")[1] in summary, k.split("/")[1])):
-        _, cat, metric = k.split("/")
-        b, a = before.get(k), after[k]
-        bs = f"{b:8.3f}" if isinstance(b, float) else f"{'-':>8}"
-        ds = f"{a - b:+8.3f}" if isinstance(b, float) else f"{'':>8}"
-        lines.append(f"{cat:<16} {metric:<14} {bs} {a:8.3f} {ds}")
-    return "\n".join(lines)
-
-
-class GroupDiversity:
-    """Within-group diversity of evaluation images: the mean absolute pixel difference (images in
-    [0, 1], pooled to at most 64 px) over every pair of images of one prompt (its seeds). Images
-    arrive prompt by prompt, so only one prompt's images are held at a time."""
-
-    def __init__(self, max_side: int = 64):
-        self.max_side = max_side
-        self.key, self.images = None, []
-        self.total, self.pairs = 0.0, 0
-
-    def add(self, key, image: Tensor) -> None:
-        if key != self.key:
-            self._flush()
-            self.key = key
-        if max(image.shape[-2:]) > self.max_side:
-            image = torch.nn.functional.adaptive_avg_pool2d(image[None], self.max_side)[0]
-        self.images.append(image.float())
-
-    def _flush(self) -> None:
-        n = len(self.images)
-        if n > 1:
-            flat = torch.stack(self.images).flatten(1)
-            d = torch.cdist(flat, flat, p=1) / flat.shape[1]
-            self.total += float(d.sum()) / 2
-            self.pairs += n * (n - 1) // 2
-        self.images = []
-
-    def totals(self) -> Tensor:
-        """[sum of pair distances, number of pairs] (float64, for a sum over ranks)."""
-        self._flush()
-        return torch.tensor([self.total, float(self.pairs)], dtype=torch.float64)
-
-
-GRID_PER_CATEGORY = 8  # images per category in before_after.png: the first prompts' fixed seeds
-
-
-def save_before_after(before: dict, after: dict, path: Path) -> Path:
-    """One PNG: per category a row of images before training and a row after (same prompts, same
-    seeds), each framed green (correct) or red (wrong) when the policy reports accuracy."""
-    from PIL import Image, ImageDraw
-
-    cats = sorted(set(before) & set(after))
-    h, w = before[cats[0]][0][0].shape[1:]
-    scale = max(1, 96 // max(h, w))
-    cell, pad, label_w = max(h, w) * scale + 6, 4, 120
-    rows = [r for c in cats for r in ((f"{c}: before", before[c]), (f"{c}: after", after[c]))]
-    ncol = max(len(r[1]) for r in rows)
-    canvas = Image.new("RGB", (label_w + ncol * (cell + pad), len(rows) * (cell + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (label, items) in enumerate(rows):
-        y = pad + r * (cell + pad)
-        draw.text((4, y + cell // 2 - 6), label, fill="black")
-        for c, (img, ok) in enumerate(items):
-            x = label_w + c * (cell + pad)
-            frame = "white" if ok is None else ("#1a9641" if ok >= 0.5 else "#d7191c")
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=frame)
-            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            tile = Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST)
-            canvas.paste(tile, (x + 3, y + 3))
-    canvas.save(path)
-    return Path(path)
-
-
-def save_grid(images: Tensor, path: Path, ncol: int = 8) -> Path:
-    """Save ``[N, 3, H, W]`` images in [0, 1] as one PNG grid (nearest-neighbour upscaled when tiny)."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = math.ceil(n / ncol)
-    pad = 2
-    grid = torch.ones(3, rows * (h + pad) + pad, min(n, ncol) * (w + pad) + pad)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
-    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr)
-    if h < 128:
-        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    img.save(path)
-    return Path(path)
-
-
-def local_cpu_ranks(cfg) -> int:
-    """How many ranks a run started without torchrun on a CPU launches (``distributed.cpu_ranks``;
-    0 = the most, up to the CPU threads and 8, that the batch splits over). 1 under torchrun, on
-    a GPU, or for a single-process strategy."""
-    if under_launcher() or pick_device(cfg.run.device).type != "cpu" or cfg.distributed.strategy == "none":
-        return 1
-    if cfg.distributed.cpu_ranks:
-        if cfg.distributed.cpu_ranks > 1:
-            validate(cfg, cfg.distributed.cpu_ranks)  # a batch that does not split: one clear line
-        return cfg.distributed.cpu_ranks
-    for n in range(min(cpu_threads(), 8), 1, -1):
-        try:
-            validate(cfg, n)
-            return n
-        except ConfigError:
-            continue
-    return 1
 
 
 def memory_plan_refused(cfg) -> bool:

@@ -233,22 +233,24 @@ def test_group_diversity_is_the_mean_pairwise_pixel_distance():
 
 
 def test_local_cpu_ranks_auto_explicit_and_ignored(monkeypatch):
+    from fastflow import distributed
+
     cfg, _ = toy_cfg("/tmp/unused")  # 12 images per iteration, rollout batch 6
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 8)
-    assert train_mod.local_cpu_ranks(cfg) == 2          # 12 images split into batches of 6: 2 ranks at most
-    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 1)
-    assert train_mod.local_cpu_ranks(cfg) == 1
+    monkeypatch.setattr(distributed, "cpu_threads", lambda: 8)
+    assert distributed.local_cpu_ranks(cfg) == 2          # 12 images split into batches of 6: 2 ranks at most
+    monkeypatch.setattr(distributed, "cpu_threads", lambda: 1)
+    assert distributed.local_cpu_ranks(cfg) == 1
     cfg.distributed.cpu_ranks = 1
-    monkeypatch.setattr(train_mod, "cpu_threads", lambda: 8)
-    assert train_mod.local_cpu_ranks(cfg) == 1
+    monkeypatch.setattr(distributed, "cpu_threads", lambda: 8)
+    assert distributed.local_cpu_ranks(cfg) == 1
     cfg.distributed.cpu_ranks = 4                       # 12 images do not split into 4 ranks of batch 6
     with pytest.raises(train_mod.ConfigError, match="rank"):
-        train_mod.local_cpu_ranks(cfg)
+        distributed.local_cpu_ranks(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")               # already under torchrun: never relaunch
     monkeypatch.setenv("RANK", "0")
-    assert train_mod.local_cpu_ranks(cfg) == 1
+    assert distributed.local_cpu_ranks(cfg) == 1
 
 
 def test_cli_launches_local_ranks_and_reports_a_failed_rank(tmp_path):

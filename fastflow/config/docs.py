@@ -54,7 +54,7 @@ python -m fastflow.train configs/pickscore.toml --plan --plan-gpus 8 --plan-gpu-
   loads nothing and needs no GPU: `--plan-gpus N` (default `$WORLD_SIZE` or 1) and
   `--plan-gpu-memory SIZE` (`80GiB`, `141GB`; default this machine's GPU, else 80 GiB). A run on
   CUDA makes the same plan at start-up and stops before loading when it cannot fit;
-  `--no-plan-check` starts it anyway. See docs/scaling.md (Memory plan).
+  `--no-plan-check` starts it anyway. See docs/memory.md.
 - **Validation** runs before any model is loaded. Every mistake stops the run with one line
   naming the key, for example:
 
