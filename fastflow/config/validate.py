@@ -22,45 +22,15 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith((".safetensors", ".pt"))
 
 
-def validate(cfg: Config, world_size: int = 1) -> Derived:
-    """Check everything that can be checked without loading a model; return the derived sizes.
+def need(ok: bool, msg: str) -> None:
+    """Raise ConfigError with ``msg`` (one line, "config: " first) unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"config: {msg}")
 
-    Raises ConfigError (one line naming the key) on: wrong types, values outside their choices or
-    ranges, step/window mismatches, a batch that does not split over ``world_size`` ranks, unknown
-    rewards and missing files.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"config: world size must be an integer >= 1, got {_show(world_size)}")
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"config: expected a fastflow.config.Config, got {type(cfg).__name__}")
 
-    # Types first: every later check may then rely on them (the Config may have been built or
-    # edited in code, not only loaded).
-    for s in SECTIONS:
-        obj = getattr(cfg, s)
-        if not isinstance(obj, SECTIONS[s]):
-            raise ConfigError(f"config: [{s}] must be a {SECTIONS[s].__name__}, got {type(obj).__name__}")
-        for k, f in _fields(s).items():
-            value = _coerce_field(s, k, getattr(obj, k))
-            if _fields(s)[k].metadata.get("aliases"):  # a Config edited in code may hold a legacy
-                setattr(obj, k, value)                  # spelling: store today's
-            # inf/nan pass most range checks (nan compares False both ways), so refuse them here.
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config: {s}.{k} must be a finite number, got {_show(value)}")
-            ch = _choices(f)
-            if ch is not None and getattr(obj, k) not in ch:
-                v = getattr(obj, k)
-                hint = _suggest(v, ch)
-                tail = f" (did you mean {hint}?)" if hint else ""
-                raise ConfigError(f"config: {s}.{k} must be one of {', '.join(ch)}; got {_show(v)}{tail}")
-
-    run, model, sample, train = cfg.run, cfg.model, cfg.sample, cfg.train
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"config: {msg}")
-
-    # Ranges, section by section, in schema order.
+def _check_run(cfg: Config, world_size: int) -> None:
+    """[run]: seed, length, budget, names."""
+    run = cfg.run
     need(run.seed >= 0, f"run.seed ({run.seed}) must be >= 0")
     need(run.iterations >= 1, f"run.iterations ({run.iterations}) must be >= 1")
     need(run.max_minutes >= 0,
@@ -69,6 +39,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
          f"run.name ({_show(run.name)}) must be a non-empty directory name without slashes")
     need(run.output_dir.strip() != "", "run.output_dir must not be empty")
 
+
+def _check_model(cfg: Config, world_size: int) -> None:
+    """[model]: LoRA, resolution (the model's multiple), shift."""
+    model = cfg.model
     need(model.lora_rank >= 1, f"model.lora_rank ({model.lora_rank}) must be >= 1")
     need(model.lora_alpha > 0, f"model.lora_alpha ({model.lora_alpha}) must be > 0")
     need(all(t.strip() for t in model.lora_targets), "model.lora_targets must not contain empty names")
@@ -79,6 +53,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
              f"model.resolution ({model.resolution}) must be a multiple of {multiple} for {model.kind}")
     need(model.shift >= 0, f"model.shift ({model.shift}) must be >= 0 (0 = the model's default)")
 
+
+def _check_sample(cfg: Config, world_size: int) -> None:
+    """[sample]: steps, guidance, noise level by step kind, groups, batches, the SDE window."""
+    sample = cfg.sample
     need(sample.train_steps >= 1, f"sample.train_steps ({sample.train_steps}) must be >= 1")
     need(sample.eval_steps >= sample.train_steps,
          f"sample.eval_steps ({sample.eval_steps}) must be >= sample.train_steps ({sample.train_steps})")
@@ -98,6 +76,10 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
          f"sample.window_start ({sample.window_start}) must be -1 (random) or in [0, {last_start}] "
          f"(sample.train_steps - sample.window_size)")
 
+
+def _check_train(cfg: Config, world_size: int) -> None:
+    """[train]: optimizer, loss terms, EMA, the algorithm and the step kinds it needs."""
+    sample, train = cfg.sample, cfg.train
     need(train.lr > 0, f"train.lr ({train.lr}) must be > 0")
     need(train.lr_warmup >= 0, f"train.lr_warmup ({train.lr_warmup}) must be >= 0")
     need(0 <= train.lr_min_ratio <= 1, f"train.lr_min_ratio ({train.lr_min_ratio}) must be in [0, 1]")
@@ -135,6 +117,9 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
         need(importlib.util.find_spec("bitsandbytes") is not None,
              "train.optimizer adamw8bit needs the bitsandbytes package (pip install 'fastflow[bnb]')")
 
+
+def _check_eval_log_checkpoint(cfg: Config, world_size: int) -> None:
+    """[eval], [log], [checkpoint]: intervals, seeds, batches."""
     ev = cfg.eval
     need(ev.every >= 0, f"eval.every ({ev.every}) must be >= 0 (0 = only at the end)")
     need(ev.seeds >= 1, f"eval.seeds ({ev.seeds}) must be >= 1")
@@ -148,12 +133,58 @@ def validate(cfg: Config, world_size: int = 1) -> Derived:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0 (0 = only at the end)")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
 
+
+def _check_distributed(cfg: Config, world_size: int) -> None:
+    """[distributed]: the strategy against the world size, CPU ranks, offload."""
     dist = cfg.distributed
     need(dist.cpu_ranks >= 0, f"distributed.cpu_ranks ({dist.cpu_ranks}) must be >= 0 (0 = auto)")
     need(dist.strategy != "none" or world_size == 1,
          f"distributed.strategy none runs a single process, but the world size is {world_size}")
     need(not dist.cpu_offload or dist.strategy in ("auto", "fsdp"),
          f"distributed.cpu_offload needs distributed.strategy fsdp (or auto), got {dist.strategy}")
+
+
+#: The range checks of each section, in schema order (validate runs them after the types).
+SECTION_CHECKS = (_check_run, _check_model, _check_sample, _check_train, _check_eval_log_checkpoint,
+                  _check_distributed)
+
+
+def validate(cfg: Config, world_size: int = 1) -> Derived:
+    """Check everything that can be checked without loading a model; return the derived sizes.
+
+    Raises ConfigError (one line naming the key) on: wrong types, values outside their choices or
+    ranges, step/window mismatches, a batch that does not split over ``world_size`` ranks, unknown
+    rewards and missing files.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"config: world size must be an integer >= 1, got {_show(world_size)}")
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config: expected a fastflow.config.Config, got {type(cfg).__name__}")
+
+    # Types first: every later check may then rely on them (the Config may have been built or
+    # edited in code, not only loaded).
+    for s in SECTIONS:
+        obj = getattr(cfg, s)
+        if not isinstance(obj, SECTIONS[s]):
+            raise ConfigError(f"config: [{s}] must be a {SECTIONS[s].__name__}, got {type(obj).__name__}")
+        for k, f in _fields(s).items():
+            value = _coerce_field(s, k, getattr(obj, k))
+            if _fields(s)[k].metadata.get("aliases"):  # a Config edited in code may hold a legacy
+                setattr(obj, k, value)                  # spelling: store today's
+            # inf/nan pass most range checks (nan compares False both ways), so refuse them here.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config: {s}.{k} must be a finite number, got {_show(value)}")
+            ch = _choices(f)
+            if ch is not None and getattr(obj, k) not in ch:
+                v = getattr(obj, k)
+                hint = _suggest(v, ch)
+                tail = f" (did you mean {hint}?)" if hint else ""
+                raise ConfigError(f"config: {s}.{k} must be one of {', '.join(ch)}; got {_show(v)}{tail}")
+
+    run, model, sample, train = cfg.run, cfg.model, cfg.sample, cfg.train
+    for check in SECTION_CHECKS:  # ranges, section by section, in schema order
+        check(cfg, world_size)
+    ev = cfg.eval
 
     # Trained timesteps: floor(K * fraction); the epsilon keeps 10 * 0.3 = 3.0000000000000004 and
     # 100 * 0.29 = 28.999999999999996 on the side the user meant.
