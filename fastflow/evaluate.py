@@ -619,6 +619,22 @@ def _policy_for(config: str | None, ck: tuple[Path, bool] | None, device):
     return policy
 
 
+def _fit_prompts_as_the_run(cfg, texts: list[str], *policies) -> None:
+    """Policies whose prompt encoding depends on a run's prompt lists (Qwen-Image pads every prompt
+    to the longest listed one, ``fit_prompts``) get the run's lists, the config's training and
+    evaluation prompts, plus the prompts evaluated here: the images are then those the run's own
+    evaluation drew."""
+    policies = [p for p in policies if p is not None and hasattr(p, "fit_prompts")]
+    if not policies:
+        return
+    from fastflow.data import load_prompts
+
+    listed = [p.text for key in ("train_prompts", "eval_prompts") if getattr(cfg.data, key)
+              for p in load_prompts(getattr(cfg.data, key))]
+    for policy in policies:
+        policy.fit_prompts(listed + list(texts))
+
+
 def main(argv=None) -> int:
     """The command line; returns the exit code: 0, or 2 after one line ``evaluate: CAUSE`` on
     stderr for bad input (arguments, config, prompt or weights files), found before any model
@@ -648,6 +664,11 @@ def main(argv=None) -> int:
             return 2
         texts = list(policy.default_prompts("eval"))
     seeds, min_cat, steps, guidance = plan.seeds, plan.min_category_images, plan.steps, plan.guidance
+    try:
+        _fit_prompts_as_the_run(cfg, [p if isinstance(p, str) else p.text for p in texts], policy, baseline)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     from fastflow.runtime import forward_context
 
     autocast = forward_context(cfg, device)  # the trainer's forward: model.dtype autocast, model.attention

@@ -104,3 +104,19 @@ def test_cli_of_a_reward_scored_model_needs_prompts_and_rewards(tmp_path, sd3_pi
         err = capsys.readouterr().err
         assert err.startswith("evaluate: ") and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "ev").exists()  # refused before anything was written
+
+
+def test_cli_pads_qwen_image_prompts_as_the_run_did(tmp_path):
+    """Qwen-Image pads every prompt to one length per run, from the run's prompt lists: the CLI
+    fits the same length (else its images would come from other padding than the run's)."""
+    from fastflow.models._tiny import save_tiny_qwenimage
+    from tests.test_real_model_path import trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube on a long wooden table beside a window\na blue ball\n")
+    t = trainer(tmp_path, "qwenimage", save_tiny_qwenimage(tmp_path / "qwen"), prompts)
+    (tmp_path / "run.toml").write_text(to_toml(t.cfg))
+    policy = evaluate._policy_for(str(tmp_path / "run.toml"), None, "cpu")
+    assert policy.text_len == policy.max_sequence_length != t.policy.text_len  # unfitted: the maximum
+    evaluate._fit_prompts_as_the_run(t.cfg, ["a blue ball"], policy)
+    assert policy.text_len == t.policy.text_len

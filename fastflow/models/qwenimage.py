@@ -186,13 +186,18 @@ class QwenImagePolicy(TunedTransformerPolicy):
         self._cache = PromptCache(self._encode, self.device)
         self._encode_negative()
 
-    def cache_prompts(self, texts, **kwargs) -> None:
-        """As TunedTransformerPolicy.cache_prompts, after fixing ``text_len`` to the longest of
-        ``texts`` (and the negative), rounded up to a multiple of 16, at most max_sequence_length."""
-        texts = list(dict.fromkeys(texts))
-        longest = max(self.prompt_lengths([NEGATIVE_PROMPT, *texts]))
+    def fit_prompts(self, texts) -> None:
+        """Fix ``text_len`` to the longest of ``texts`` (and the negative), rounded up to a multiple
+        of 16, at most max_sequence_length: what a run's prompt lists give it. The evaluation CLI
+        calls it with the run's lists, so that it pads prompts as the run did."""
+        longest = max(self.prompt_lengths([NEGATIVE_PROMPT, *dict.fromkeys(texts)]))
         m = TEXT_LEN_MULTIPLE
         self.set_text_len(min(self.max_sequence_length, max(m, -(-longest // m) * m)))
+
+    def cache_prompts(self, texts, **kwargs) -> None:
+        """As TunedTransformerPolicy.cache_prompts, after fit_prompts(texts)."""
+        texts = list(dict.fromkeys(texts))
+        self.fit_prompts(texts)
         super().cache_prompts(texts, **kwargs)
 
     def _encode_negative(self) -> None:
