@@ -580,6 +580,11 @@ def trainer_args(spec: dict) -> list[str]:
             "--sample.guidance_scale", str(GUIDANCE[fam]),
             "--train.optimizer", spec["optimizer"], "--train.lr", str(LR[ft]), "--train.batch_size", "0",
             "--train.optimizer_steps", "1",
+            # The protocol of the measured rows (docs/scaling.md), pinned over each kind's recipe
+            # defaults (fastflow/presets.py: Qwen-Image trains without EMA or KL at noise 1.2):
+            "--train.beta", "0.04", "--train.ema", "true", "--train.ema_every", "1", "--train.ema_decay", "0.9",
+            "--train.timestep_fraction", "1.0", "--sample.noise_level", "0.7", "--sample.window_start", "0",
+            "--sample.shared_initial_noise", "true", "--run.seed", "0",
             "--run.iterations", "1", "--run.max_minutes", "0", "--run.device", "cpu",
             "--run.output_dir", spec["runs"], "--run.name", spec["case"],
             "--eval.every", "0", "--eval.seeds", "1", "--eval.min_category_images", "0", "--eval.batch_size", "1",
