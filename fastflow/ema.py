@@ -11,6 +11,27 @@ import torch
 from torch import Tensor
 
 
+@contextlib.contextmanager
+def swapped_in(params: dict[str, torch.nn.Parameter], weights: dict[str, Tensor]):
+    """``weights`` copied into ``params`` for the duration; the current values wait in host memory,
+    one tensor at a time (a sharded parameter keeps only its local shard there), and are restored
+    after. Shared by the EMA and DiffusionNFT's old policy."""
+    from fastflow.parallel import local
+
+    backup = {}
+    with torch.no_grad():
+        for n, p in params.items():
+            shard = local(p.detach())
+            backup[n] = shard.clone() if shard.device.type == "cpu" else shard.to("cpu")
+            p.copy_(weights[n].to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                local(p.detach()).copy_(backup.pop(n))
+
+
 class EMA:
     def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float, every: int):
         if not 0 <= decay < 1:
@@ -39,20 +60,8 @@ class EMA:
         never holds a second copy of every trained weight (4 bytes per parameter more at every
         evaluation, e.g. 5.5 GiB per GPU for FLUX full fine-tuning over 8 ranks). A sharded
         parameter keeps only its local shard there."""
-        from fastflow.parallel import local
-
-        backup = {}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                shard = local(p.detach())
-                backup[n] = shard.clone() if shard.device.type == "cpu" else shard.to("cpu")
-                p.copy_(self.shadow[n].to(p.dtype))
-        try:
+        with swapped_in(self.params, self.shadow):
             yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    local(p.detach()).copy_(backup.pop(n))
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)

@@ -31,19 +31,13 @@ from torch import Tensor
 
 from fastflow import runtime
 from fastflow.models.sd3 import MAX_SEQUENCE_LENGTH
-from fastflow.models.transformer_policy import TunedTransformerPolicy, _model_cfg, load_pipeline, parse_dtype, place
+from fastflow.models.transformer_policy import (TunedTransformerPolicy, _model_cfg, calculate_shift,  # noqa: F401
+                                                load_pipeline, parse_dtype, place)
 
 DEFAULT_PATH = "black-forest-labs/FLUX.1-dev"
 PAPER_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                  "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                  "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-
-
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX's resolution-dependent shift ``mu``: linear in the number of image tokens."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 class FluxPolicy(TunedTransformerPolicy):

@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 
 from fastflow import runtime
-from fastflow.models.transformer_policy import TunedTransformerPolicy, _model_cfg, load_pipeline, parse_dtype, place
+from fastflow.models.transformer_policy import (TunedTransformerPolicy, _model_cfg, calculate_shift,
+                                                load_pipeline, parse_dtype, place)
 
 log = logging.getLogger("fastflow.models.qwenimage")
 
@@ -64,13 +65,6 @@ TEXT_LEN_MULTIPLE = 16
 PAPER_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                  "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj",
                  "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-
-
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """The resolution-dependent shift ``mu`` of QwenImagePipeline: linear in the image tokens."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
 
 
 def scheduler_sigmas(scheduler_config, num_steps: int, mu: float | None, shift: float = 0.0) -> Tensor:

@@ -64,6 +64,14 @@ def _model_cfg(cfg):
     return m, targets
 
 
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The resolution-dependent shift ``mu`` of the FLUX.1 and Qwen-Image pipelines: linear in the
+    number of image tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
 class TunedTransformerPolicy:
     """The training-side half of a diffusers policy (SD3, FLUX): trainable parameters, the KL
     reference, FSDP2 hooks and export. The subclass sets ``self.tuning`` (a Tuning) and

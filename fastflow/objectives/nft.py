@@ -128,20 +128,10 @@ class OldPolicy:
     @contextlib.contextmanager
     def applied(self):
         """The old weights in the model for the duration (the current ones wait in host memory)."""
-        from fastflow.parallel import local
+        from fastflow.ema import swapped_in
 
-        backup = {}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                shard = local(p.detach())
-                backup[n] = shard.clone() if shard.device.type == "cpu" else shard.to("cpu")
-                p.copy_(self.shadow[n].to(p.dtype))
-        try:
+        with swapped_in(self.params, self.shadow):
             yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    local(p.detach()).copy_(backup.pop(n))
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)
