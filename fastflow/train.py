@@ -449,6 +449,10 @@ class Trainer:
                 if old is not None:     # any graph exists: its weights are swapped in place)
                     with torch.no_grad(), old.applied():
                         v_old = [self._velocity(x_ts[k], times[:, k], cond) for k in range(count)]
+                v_ema = [None] * count  # awm: the published run's KL to the EMA policy (swapped in
+                if t.ema_kl_beta > 0:   # like the old policy, so also before any graph exists)
+                    with torch.no_grad(), self.ema.applied():
+                        v_ema = [self._velocity(x_ts[k], times[:, k], cond) for k in range(count)]
                 for k in range(count):
                     v = self._velocity(x_ts[k], times[:, k], cond)
                     v_ref = None
@@ -461,10 +465,11 @@ class Trainer:
                                                         adv_clip=t.adv_clip, v_ref=v_ref, kl_beta=t.beta)
                     else:  # awm: on-policy old log-prob = the current one, detached (ratio exactly 1)
                         old_lp = None if v_old[k] is None else awm.awm_log_prob(
-                            v_old[k], noises[k] - x0, times[:, k], t.awm_weighting)
+                            v_old[k], noises[k] - x0, times[:, k], t.awm_weighting, t.awm_ghuber_power)
                         loss, step_stats = awm.awm_loss(v, x0, noises[k], times[:, k], a, clip_range=t.clip_range,
                                                         old_log_prob=old_lp, weighting=t.awm_weighting,
-                                                        v_ref=v_ref, kl_beta=t.beta)
+                                                        power=t.awm_ghuber_power, v_ref=v_ref, kl_beta=t.beta,
+                                                        v_ema=v_ema[k], ema_kl_beta=t.ema_kl_beta)
                     (loss / (d.grad_accum * count)).backward()  # always: every rank runs the same collectives
                     stats.add(loss, step_stats, on_policy=on_policy)
                 if (b_i + 1) % d.grad_accum == 0:

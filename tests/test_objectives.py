@@ -139,13 +139,41 @@ def test_awm_loss_value_and_gradient_by_hand():
     assert v.grad[0].tolist() == pytest.approx([0.0, 4.0 * math.exp(-0.1)])
 
 
+def test_awm_ghuber_weighting_by_hand():
+    # e = mean(0, 4) = 2, t = 0.5, q = 0.25: log p = -t ((2 + 1e-10)^q - 1e-10^q) / q
+    # d log p / de = -t (e + 1e-10)^(q - 1); de/dv = (v - target) (mean over 2) = (0, 2)
+    x0, eps, t = torch.zeros(1, 2, dtype=F64), torch.ones(1, 2, dtype=F64), t64(0.5)
+    v = t64(1.0, 3.0).reshape(1, 2).requires_grad_()
+    lp = awm.awm_log_prob(v, eps - x0, t, "ghuber", 0.25)
+    assert float(lp) == pytest.approx(-0.5 * ((2 + 1e-10) ** 0.25 - 1e-10 ** 0.25) / 0.25, rel=1e-12)
+    lp.sum().backward()
+    assert v.grad.tolist()[0] == pytest.approx([0.0, -0.5 * 2 ** -0.75 * 2.0], rel=1e-9)
+    # q = 1 is the t weighting up to the constant offset: the same gradient
+    v1, v2 = (t64(1.0, 3.0).reshape(1, 2).requires_grad_() for _ in range(2))
+    awm.awm_log_prob(v1, eps - x0, t, "ghuber", 1.0).sum().backward()
+    awm.awm_log_prob(v2, eps - x0, t, "t").sum().backward()
+    assert torch.allclose(v1.grad, v2.grad, rtol=1e-12)
+    # the KL to the EMA policy: ema_kl_beta mean |v - v_ema|^2, gradient 2 beta (v - v_ema) / n
+    v = t64(1.0, 3.0).reshape(1, 2).requires_grad_()
+    loss, st = awm.awm_loss(v, x0, eps, t, t64(0.0), clip_range=1e-4, v_ema=t64(0.0, 1.0).reshape(1, 2),
+                            ema_kl_beta=0.5)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.5 * (1 + 4) / 2) and float(st["awm/ema_kl"]) == pytest.approx(2.5)
+    assert v.grad.tolist() == [[0.5, 1.0]]
+    with pytest.raises(ValueError, match="needs v_ema"):
+        awm.awm_loss(v, x0, eps, t, t64(0.0), clip_range=1e-4, ema_kl_beta=0.5)
+
+
 def test_awm_loss_matches_reference_value_and_gradient():
     g = torch.Generator().manual_seed(2)
     shape = (5, 2, 4, 4)
     v0, x0, eps, vr = (torch.randn(shape, generator=g, dtype=F64) for _ in range(4))
     t, a = torch.rand(5, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
     old = awm.awm_log_prob(v0, eps - x0, t, "t") + 0.3 * torch.randn(5, generator=g, dtype=F64)
-    for kw in (dict(), dict(old_log_prob=old, weighting="t", v_ref=vr, kl_beta=0.05)):
+    old_gh = awm.awm_log_prob(v0, eps - x0, t, "ghuber", 0.4) + 0.05 * torch.randn(5, generator=g, dtype=F64)
+    for kw in (dict(), dict(old_log_prob=old, weighting="t", v_ref=vr, kl_beta=0.05),
+               dict(old_log_prob=old_gh, weighting="ghuber", power=0.4, v_ref=vr, kl_beta=0.05,
+                    v_ema=vr.flip(0), ema_kl_beta=0.7)):
         v1, v2 = v0.clone().requires_grad_(), v0.clone().requires_grad_()
         got = awm.awm_loss(v1, x0, eps, t, a, clip_range=0.2, **kw)[0]
         want = awm.awm_loss_reference(v2, x0, eps, t, a, clip_range=0.2, **kw)
@@ -305,6 +333,48 @@ def test_trainer_awm_path_matches_the_reference(tmp_path, monkeypatch):
         awm.awm_log_prob(c["v"], c["noise"] - c["x0"], c["t"], "t")).abs().max()) > 0 for c in calls[3:6])
 
 
+def test_trainer_awm_ghuber_and_ema_kl_path(tmp_path, monkeypatch):
+    """The published AWM run's options: ghuber weighting and the KL to the EMA policy, whose
+    velocity is the EMA weights' at the same x_t (checked against a copy holding the EMA's shadow)."""
+    i = FM.index("--train.ema")
+    fm = FM[:i] + FM[i + 2:]  # (the EMA on)
+    cfg, d = toy_cfg(tmp_path, "--train.algorithm", "awm", "--train.optimizer_steps", "2", "--train.awm_weighting",
+                     "ghuber", "--train.awm_ghuber_power", "0.5", "--train.ema_kl_beta", "0.3", "--train.ema",
+                     "true", "--train.ema_decay", "0.5", "--train.lr", "3e-2", *fm)
+    t = train_mod.Trainer(cfg, d, SOLO)
+    calls, real = [], awm.awm_loss
+    real_index = train_mod.index_cond
+
+    def index_spy(cond, idx):
+        t._last_cond = real_index(cond, idx)
+        return t._last_cond
+
+    def spy(v, x0, noise, tt, a, **kw):
+        x_t = (1 - tt.reshape(-1, *[1] * (x0.ndim - 1))) * x0 + tt.reshape(-1, *[1] * (x0.ndim - 1)) * noise
+        with torch.no_grad():
+            twin = copy.deepcopy(t.policy)
+            for n, p in twin.named_trainable_parameters().items():
+                p.copy_(t.ema.shadow[n])
+            ema_v = twin.velocity(x_t, tt, t._last_cond, guidance_scale=1.0)
+        out = real(v, x0, noise, tt, a, **kw)
+        calls.append(dict(v=v.detach(), x0=x0, noise=noise, t=tt, a=a, kw=kw, loss=out[0].detach(), ema=ema_v))
+        return out
+
+    monkeypatch.setattr(awm, "awm_loss", spy)
+    monkeypatch.setattr(train_mod, "index_cond", index_spy)
+    t.run()
+    assert len(calls) == 2 * 2 * 3
+    for c in calls:
+        kw = c["kw"]
+        assert kw["weighting"] == "ghuber" and kw["power"] == 0.5 and kw["ema_kl_beta"] == 0.3
+        assert torch.allclose(kw["v_ema"], c["ema"], atol=1e-5)
+        want = awm.awm_loss_reference(c["v"], c["x0"], c["noise"], c["t"], c["a"], **kw)
+        assert float(c["loss"]) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+    # before the first optimizer step the EMA is the current policy; after it, it lags
+    assert torch.equal(calls[0]["kw"]["v_ema"], calls[0]["v"])
+    assert all(float((c["kw"]["v_ema"] - c["v"]).abs().max()) > 1e-4 for c in calls[3:])
+
+
 def test_trainer_guard_path_matches_the_reference(tmp_path, monkeypatch):
     from fastflow.sde import sde_step
 
@@ -368,7 +438,13 @@ def test_flow_matching_run_resumes_exactly(tmp_path, algo):
     (["--train.old_decay_rate", "-1"], "train.old_decay_rate (-1.0) must be >= 0"),
     (["--train.old_decay_flat", "-1"], "train.old_decay_flat (-1) must be >= 0"),
     (["--train.fm_timesteps", "9"], "train.fm_timesteps (9) must be in [0, sample.train_steps (8)]"),
-    (["--train.awm_weighting", "t2"], "train.awm_weighting must be one of uniform, t"),
+    (["--train.awm_weighting", "t2"], "train.awm_weighting must be one of uniform, t, ghuber"),
+    (["--train.awm_ghuber_power", "0"], "train.awm_ghuber_power (0.0) must be in (0, 1]"),
+    (["--train.awm_ghuber_power", "1.5"], "train.awm_ghuber_power (1.5) must be in (0, 1]"),
+    (["--train.ema_kl_beta", "-1"], "train.ema_kl_beta (-1.0) must be >= 0"),
+    (["--train.ema_kl_beta", "1"], "train.ema_kl_beta (1.0) needs train.algorithm awm and train.ema = true"),
+    (["--train.ema_kl_beta", "1", "--train.algorithm", "awm", "--sample.kind", "ode", "--sample.shared_initial_noise",
+      "false", "--train.ema", "false"], "needs train.algorithm awm and train.ema = true (got awm, ema false)"),
 ])
 def test_bad_algorithm_settings_are_one_line(overrides, words):
     with pytest.raises(ConfigError) as e:

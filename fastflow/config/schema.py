@@ -197,7 +197,14 @@ class TrainConfig:
                                "from the rollout grid's sigma_1 .. sigma_T (0 = all T = sample.train_steps, "
                                "as the published configs).")
     awm_weighting: str = opt("uniform", "awm: the flow-matching log-likelihood's time weighting, uniform "
-                                        "(-|v - (eps - x0)|^2) or t (times t).", choices=("uniform", "t"))
+                                        "(-|v - (eps - x0)|^2), t (times t) or ghuber (the published run's "
+                                        "generalised Huber: -t ((e + 1e-10)^q - 1e-10^q) / q of the squared "
+                                        "error e, q = awm_ghuber_power).", choices=("uniform", "t", "ghuber"))
+    awm_ghuber_power: float = opt(0.25, "awm, weighting ghuber: the power q in (0, 1] (published: 0.25; 1 = "
+                                        "the t weighting).")
+    ema_kl_beta: float = opt(0.0, "awm: weight (>= 0) of a v-based KL to the EMA policy, mean |v - v_ema|^2 "
+                                  "(the published run's ema_kl_beta 1); needs train.ema, whose decay and "
+                                  "interval define that policy. One more no-grad forward per training time.")
 
 
 @dataclass

@@ -113,6 +113,11 @@ def _check_train(cfg: Config, world_size: int) -> None:
     need(0 <= train.fm_timesteps <= sample.train_steps,
          f"train.fm_timesteps ({train.fm_timesteps}) must be in [0, sample.train_steps "
          f"({sample.train_steps})] (0 = all)")
+    need(0 < train.awm_ghuber_power <= 1, f"train.awm_ghuber_power ({train.awm_ghuber_power}) must be in (0, 1]")
+    need(train.ema_kl_beta >= 0, f"train.ema_kl_beta ({train.ema_kl_beta}) must be >= 0")
+    need(train.ema_kl_beta == 0 or (train.algorithm == "awm" and train.ema),
+         f"train.ema_kl_beta ({train.ema_kl_beta}) needs train.algorithm awm and train.ema = true "
+         f"(got {train.algorithm}, ema {str(train.ema).lower()})")
     if train.optimizer == "adamw8bit":
         need(importlib.util.find_spec("bitsandbytes") is not None,
              "train.optimizer adamw8bit needs the bitsandbytes package (pip install 'fastflow[bnb]')")
