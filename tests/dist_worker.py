@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node N tests/dist_worker.py MODE OUT [--section.key V ...]
 
 MODE train:   a full training run (like ``python -m fastflow.train``, ``--resume`` accepted), then
-              every rank writes its full trainable and EMA weights to OUT/rank{R}.safetensors.
+              every rank writes its full trainable, EMA and (DiffusionNFT) old-policy weights to
+              OUT/rank{R}.safetensors.
 MODE budget:  a run in which rank 1's clock crosses run.max_minutes after iteration 1 (rank 0's
               never does); every rank writes the iteration it stopped at.
 MODE rollout: one rollout + advantages of iteration 0; every rank writes its initial noise, first SDE step,
@@ -46,6 +47,8 @@ def main() -> int:
             tensors = {f"w.{n}": parallel.full(p.detach()).clone() for n, p in t.params.items()}
             if t.ema is not None:
                 tensors.update({f"ema.{n}": parallel.full(v).clone() for n, v in t.ema.shadow.items()})
+            if t.old_policy is not None:  # DiffusionNFT's old policy
+                tensors.update({f"old.{n}": parallel.full(v).clone() for n, v in t.old_policy.shadow.items()})
             tensors["iteration"] = torch.tensor(t.iteration)
         elif mode == "budget":
             if info.rank == 1:  # this rank's clock jumps past run.max_minutes after iteration 1

@@ -136,6 +136,25 @@ def test_fsdp_adamw8bit_sharded_checkpoint_resumes_at_two_and_one_rank(tmp_path)
     assert_close_8bit({f"w.{n}": w for n, w in weights(t).items()}, full[0])
 
 
+def test_fsdp_nft_sharded_checkpoint_resumes_exactly(tmp_path):
+    """DiffusionNFT under FSDP2 at 2 ranks: its old policy is saved in the sharded checkpoint and a
+    resumed run continues bit for bit (weights, EMA and old policy) at the same world size."""
+    args = toy_args(tmp_path / "dist", "--train.algorithm", "nft", "--sample.kind", "ode",
+                    "--sample.shared_initial_noise", "false", "--train.fm_timesteps", "2",
+                    "--train.old_decay_rate", "0.2", "--checkpoint.keep", "5", "--distributed.strategy", "fsdp")
+    full = launch("train", tmp_path / "full", args)
+    assert_ranks_identical(full)
+    ck2 = tmp_path / "dist" / "toy" / "checkpoints" / "iter-000002"
+    assert is_sharded_checkpoint(ck2)
+    again = launch("train", tmp_path / "again", [*args, "--resume", str(ck2)])
+    assert_ranks_identical(again)
+    assert int(again[0]["iteration"]) == 4
+    old = [k for k in full[0] if k.startswith("old.")]
+    assert old and any(not torch.equal(full[0][k], full[0]["w." + k[4:]]) for k in old)  # it lags
+    for k in full[0]:
+        assert torch.equal(again[0][k], full[0][k]), f"resumed run differs on {k}"
+
+
 # The first SDE step of one sample computed by two ranks (one thread each) and by one rank in this
 # process (its own thread count): a network's output is not bitwise the same across thread counts or
 # batch compositions (matmul blocking), so those next latents agree to float rounding only. Measured
