@@ -8,8 +8,18 @@ fastflow.evaluate`` (summary.json, samples.jsonl, images/). Prints a markdown ta
 strict accuracy per category, the category mean and the per-image mean, each with its gain over
 the base evaluation, the per-image gain paired by prompt with its standard error, the within-group diversity (mean pairwise pixel distance between the images
 of one prompt, in [0, 1], as the trainer's eval/overall/diversity) relative to the base, the
-images generated and the training wall time (up to ITERATION when given: a checkpoint's). The PNG has the training reward (10-iteration
-moving mean) against images generated and against training wall time, and the held-out gains.
+images generated and the training wall time (up to ITERATION when given: a checkpoint's).
+
+Seeds: labels of the form ``ALGORITHM/SEED`` (``Flow-GRPO/0``, ``Flow-GRPO/1``) are one algorithm's
+seeds; a second table gives, per algorithm, the mean and the seed spread (sample standard
+deviation, min..max) of the gains, and the per-image gain paired by prompt over all its seeds
+pooled (each prompt's accuracy averaged over the seeds' images, its s.e. over the prompts).
+
+The PNG has the training reward (10-iteration moving mean, averaged over an algorithm's seeds)
+against images generated and against training wall time, the held-out gains per algorithm (seed
+mean, with each seed as a dot), and, for runs that evaluated during training (eval.every, the
+trainer's own evaluation: the same images as the CLI's), the held-out category mean against
+images generated.
 """
 
 from __future__ import annotations
@@ -86,7 +96,48 @@ def curves(run_dir: Path, last: int | None = None) -> dict:
         images.append(r["iteration"] * per_iter)
         wall.append(t / 60)
         reward.append(r["reward_mean"])
-    return {"images": images, "wall_min": wall, "reward": reward, "iterations": len(rows)}
+    return {"images": images, "wall_min": wall, "reward": reward, "iterations": len(rows), "per_iter": per_iter}
+
+
+def eval_curve(run_dir: Path, per_iter: int) -> tuple[list[int], list[float], list[float]]:
+    """The trainer's in-run evaluations: images generated, held-out category mean and per-image
+    accuracy at each evaluated iteration (the last evaluation of an iteration: the final one)."""
+    at: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "eval/category_mean/accuracy" in r:
+            at[r["iteration"]] = r
+    its = sorted(at)
+    return ([i * per_iter for i in its], [at[i]["eval/category_mean/accuracy"] for i in its],
+            [at[i]["eval/overall/accuracy"] for i in its])
+
+
+def algorithm_of(label: str) -> str:
+    return label.split("/", 1)[0]
+
+
+def seed_summary(runs: list, base: dict) -> list[dict]:
+    """Per algorithm (label before "/"): the seeds' gains, their mean and spread, and the paired
+    per-image gain with every seed's images pooled."""
+    import statistics
+
+    groups: dict[str, list] = {}
+    for label, cv, s in runs:
+        groups.setdefault(algorithm_of(label), []).append((label, cv, s))
+    out = []
+    for alg, rs in groups.items():
+        cm = [(s["accuracy"]["overall"] - base["accuracy"]["overall"]) * 100 for _, _, s in rs]
+        im = [(s["image_accuracy"] - base["image_accuracy"]) * 100 for _, _, s in rs]
+        pooled = {"per_prompt": {k: sum(s["per_prompt"][k] for _, _, s in rs) / len(rs) for k in base["per_prompt"]}}
+        pm, pse = paired_gain(pooled, base)
+        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+        out.append({"algorithm": alg, "seeds": len(rs), "cm": cm, "im": im, "cm_mean": sum(cm) / len(cm),
+                    "cm_sd": sd(cm), "im_mean": sum(im) / len(im), "im_sd": sd(im), "paired": pm * 100,
+                    "paired_se": pse * 100,
+                    "diversity": sum(s["diversity"] for _, _, s in rs) / len(rs) / base["diversity"] * 100,
+                    "images": rs[0][1]["images"][-1],
+                    "train_min": sum(cv["wall_min"][-1] for _, cv, _ in rs) / len(rs)})
+    return out
 
 
 def moving(xs: list[float], n: int = 10) -> list[float]:
@@ -102,11 +153,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     base = summary(Path(args.base), args.seeds)
     runs = []
+    run_dirs = {}
     for spec in args.run:
         label, dirs = spec.split("=", 1)
         run_dir, eval_dir, *last = dirs.split(",")  # optional: the evaluated checkpoint's iteration
         runs.append((label, curves(Path(run_dir), int(last[0]) if last else None),
                      summary(Path(eval_dir), args.seeds)))
+        run_dirs[label] = Path(run_dir)
     order = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
     cats = sorted((c for c in base["accuracy"] if c != "overall"), key=lambda c: (order + [c]).index(c))
     print(f"{base['images']} held-out images per evaluation")
@@ -124,32 +177,61 @@ def main(argv=None) -> int:
               + f" | {pm * 100:+.1f} +- {pse * 100:.1f}"
               + f" | {s['diversity']:.3f} ({s['diversity'] / base['diversity'] * 100:.0f}%)"
               + f" | {cv['images'][-1]} | {cv['wall_min'][-1]:.1f} |")
+    groups = seed_summary(runs, base)
+    if any(g["seeds"] > 1 for g in groups):
+        print()
+        print("| algorithm | seeds | category-mean gain, mean +- sd (min..max) | per-image gain, mean +- sd "
+              "(min..max) | paired per-image gain, seeds pooled | diversity | images | train min (mean) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for g in groups:
+            sp = lambda xs: f"{min(xs):+.1f}..{max(xs):+.1f}"  # noqa: E731
+            print(f"| {g['algorithm']} | {g['seeds']} | {g['cm_mean']:+.1f} +- {g['cm_sd']:.1f} ({sp(g['cm'])}) "
+                  f"| {g['im_mean']:+.1f} +- {g['im_sd']:.1f} ({sp(g['im'])}) | {g['paired']:+.1f} +- {g['paired_se']:.1f} "
+                  f"| {g['diversity']:.0f}% | {g['images']} | {g['train_min']:.1f} |")
     if args.png:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+        fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))
+        by_alg: dict[str, list] = {}
         for label, cv, s in runs:
-            ax[0].plot(cv["images"], moving(cv["reward"]), label=label)
-            ax[1].plot(cv["wall_min"], moving(cv["reward"]), label=label)
+            by_alg.setdefault(algorithm_of(label), []).append(cv)
+        for alg, cvs in by_alg.items():  # the seeds' mean, over the iterations they all ran
+            n = min(len(cv["reward"]) for cv in cvs)
+            mean = lambda key: [sum(cv[key][i] for cv in cvs) / len(cvs) for i in range(n)]  # noqa: E731
+            lab = f"{alg} ({len(cvs)} seed{'s' if len(cvs) > 1 else ''})"
+            ax[0].plot(cvs[0]["images"][:n], moving(mean("reward")), label=lab)
+            ax[1].plot(mean("wall_min"), moving(mean("reward")), label=lab)
         ax[0].set_xlabel("images generated")
-        ax[1].set_xlabel("training wall time, min (shared 2-core CPU)")
+        ax[1].set_xlabel("training wall time, min (2-core CPU)")
         for a in ax[:2]:
             a.set_ylabel("training reward (strict, 10-iteration mean)")
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
-        labels = [r[0] for r in runs]
-        cm = [(r[2]["accuracy"]["overall"] - base["accuracy"]["overall"]) * 100 for r in runs]
-        im = [(r[2]["image_accuracy"] - base["image_accuracy"]) * 100 for r in runs]
-        x = range(len(runs))
-        ax[2].bar([i - 0.2 for i in x], cm, 0.4, label="category mean")
-        ax[2].bar([i + 0.2 for i in x], im, 0.4, label="per image")
+        x = list(range(len(groups)))
+        ax[2].bar([i - 0.2 for i in x], [g["cm_mean"] for g in groups], 0.4, label="category mean")
+        ax[2].bar([i + 0.2 for i in x], [g["im_mean"] for g in groups], 0.4, label="per image")
+        for i, g in enumerate(groups):
+            ax[2].plot([i - 0.2] * len(g["cm"]), g["cm"], "k.", ms=4)
+            ax[2].plot([i + 0.2] * len(g["im"]), g["im"], "k.", ms=4)
         ax[2].axhline(0, color="black", lw=0.8)
-        ax[2].set_xticks(list(x), labels, rotation=20, fontsize=8)
+        ax[2].set_xticks(x, [f"{g['algorithm']}\n({g['seeds']})" for g in groups], fontsize=8)
         ax[2].set_ylabel(f"held-out gain over the base, points ({base['images']} images)")
         ax[2].legend(fontsize=8)
         ax[2].grid(alpha=0.3, axis="y")
+        drawn = False
+        for label, cv, _ in runs:
+            imgs, cm, _im = eval_curve(run_dirs[label], cv["per_iter"])
+            if len(imgs) > 1:
+                ax[3].plot(imgs, [c * 100 for c in cm], "o-", label=label)
+                drawn = True
+        ax[3].axhline(base["accuracy"]["overall"] * 100, color="gray", ls="--", lw=0.8, label="base")
+        ax[3].set_xlabel("images generated")
+        ax[3].set_ylabel("held-out category mean, % (in-run evaluation)")
+        ax[3].grid(alpha=0.3)
+        if drawn:
+            ax[3].legend(fontsize=8)
         fig.tight_layout()
         Path(args.png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.png, dpi=110)

@@ -323,3 +323,47 @@ def test_cmake_registers_cpu_and_gpu_tests(tmp_path):
     py = ROOT / ".venv" / "bin" / "python"
     if py.exists():
         assert f"FASTFLOW_PYTHON:FILEPATH={py}" in cache
+
+
+def _load_bench(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_algorithms_table_pools_seeds_paired_by_prompt(tmp_path, capsys):
+    """bench/algorithms.py: per-run gains, and per algorithm the seeds' mean, spread and the paired
+    gain with the seeds' images pooled, checked against hand-computed values on a fake evaluation."""
+    from PIL import Image
+
+    def evaluation(name, correct):  # correct[prompt] = the 0/1 of its 2 images
+        d = tmp_path / name
+        (d / "images").mkdir(parents=True)
+        rows = []
+        for p, (cat, cs) in enumerate(correct.items()):
+            for s, c in enumerate(cs):
+                f = f"images/{p}_{s}.png"
+                Image.new("RGB", (4, 4), (60 * s, 0, 0)).save(d / f)
+                rows.append(dict(prompt=f"p{p}", category=cat, seed_index=s, correct=c, file=f))
+        (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    def run(name):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.toml").write_text("group_size = 2\nprompts_per_iter = 3\n")
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "reward_mean": 0.1 * i, "time/rollout_s": 30,
+                                                             "time/train_s": 30}) + "\n" for i in (1, 2)))
+        return d
+
+    base = evaluation("base", {"a": [0, 0], "b": [1, 0]})          # per prompt 0, 0.5
+    s0 = evaluation("s0", {"a": [1, 0], "b": [1, 0]})              # 0.5, 0.5: per image +25
+    s1 = evaluation("s1", {"a": [1, 1], "b": [1, 1]})              # 1, 1: per image +75
+    bench = _load_bench("algorithms")
+    assert bench.main(["--base", str(base), "--seeds", "2", "--run", f"X/0={run('r0')},{s0}",
+                       "--run", f"X/1={run('r1')},{s1}"]) == 0
+    out = capsys.readouterr().out
+    assert "| X/0 |" in out and "+25.0 +- 25.0" in out  # paired over 2 prompts: diffs 0.5, 0 -> s.e. 0.25
+    # seeds pooled: per prompt (0.75 - 0, 0.75 - 0.5) -> mean 0.5, s.e. 0.25; category mean gains 25 and 75
+    assert "| X | 2 | +50.0 +- 35.4 (+25.0..+75.0) | +50.0 +- 35.4 (+25.0..+75.0) | +50.0 +- 25.0 |" in out
