@@ -21,6 +21,7 @@ import contextlib
 import functools
 import glob
 import logging
+import os
 import signal
 import sys
 import time
@@ -38,7 +39,8 @@ from fastflow.checkpoint import (check_checkpoint, is_sharded_checkpoint, latest
 from fastflow.config import ConfigError, parse_cli, to_toml, validate
 from fastflow.data import Prompt, load_prompts
 from fastflow.distributed import (DistInfo, all_gather_cat, all_reduce_sum_, broadcast_str, init_distributed,
-                                  launch_local, local_cpu_ranks, pick_device, shutdown, world_size_from_env)
+                                  launch_local, local_cpu_ranks, pick_device, shutdown, under_launcher,
+                                  world_size_from_env)
 from fastflow import parallel
 from fastflow.ema import EMA
 from fastflow import evaluation
@@ -959,5 +961,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_rank(code: int) -> None:
+    """End a rank of a distributed run once main() has returned: everything it writes is flushed
+    and closed by then (the trainer closes its logger and reward pool, shutdown() destroys the
+    process group), so leave without running C++ static destructors. A finished 2-rank gloo run
+    was seen (once in about 20) to abort at interpreter exit with "terminate called without an
+    active exception" (a library thread still joinable at exit), turning a complete run into a
+    failed exit status."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if under_launcher():
+        exit_rank(rc)
+    sys.exit(rc)

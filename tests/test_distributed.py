@@ -352,3 +352,23 @@ def test_fsdp_run_exports_its_gathered_ema_weights(tmp_path, finetune):
         for n, v in ema.items():
             torch.testing.assert_close(got[n], v, rtol=0, atol=0)
         assert max(float((got[n] - base[n]).abs().max()) for n in got) > 1e-4  # trained, not the base
+
+
+def test_a_rank_leaves_with_its_exit_status_and_its_output_flushed(tmp_path):
+    """Under a launcher a rank ends with os._exit once main() returns (fastflow.train.exit_rank):
+    its buffered output (a pipe, not a terminal) must still arrive whole, and its status be main's."""
+    e = {k: v for k, v in env().items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as a pipe is
+    e.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    p = subprocess.run([sys.executable, "-m", "fastflow.train", "--print-config"], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.rstrip().splitlines()[-1].startswith("cpu_ranks = ")  # the last key, all of it
+    (tmp_path / "c.toml").write_text(p.stdout)
+    assert load_config(str(tmp_path / "c.toml")) == load_config(None)
+    bad = subprocess.run([sys.executable, "-m", "fastflow.train", "--train.lr", "-1"], cwd=ROOT, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("fastflow: ") and "train.lr" in bad.stderr
+    # a short last write sits in the pipe's buffer: exit_rank flushes it before os._exit
+    code = "from fastflow.train import exit_rank; print('the last line'); exit_rank(3)"
+    short = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    assert (short.returncode, short.stdout) == (3, "the last line\n"), short.stderr[-2000:]
