@@ -101,7 +101,7 @@ def measured_parts(trainer) -> dict[str, int]:
                                        sub.prompt_ids, *sub.cond.values()])
     out["grads"] = grads["grads"]
     out["optimizer"] = parallel.optimizer_state_bytes(trainer.optimizer)
-    out["ema"] = storage_bytes(trainer.ema.shadow.values())
+    out["ema"] = storage_bytes(trainer.ema.shadow.values()) if trainer.ema is not None else 0
     if getattr(trainer, "old_policy", None) is not None:  # DiffusionNFT's sampling policy
         out["old_policy"] = storage_bytes(trainer.old_policy.shadow.values())
     net = getattr(pol, "transformer", None) or getattr(pol, "model", None) or pol.net
@@ -131,12 +131,14 @@ def build_trainer(argv, info=None):
 def pipes(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
-    from fastflow.models._tiny import save_tiny_flux, save_tiny_sd3
+    from fastflow.models._tiny import save_tiny_flux, save_tiny_flux2_klein, save_tiny_qwenimage, save_tiny_sd3
 
     root = tmp_path_factory.mktemp("pipes")
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS)
-    return {"sd3": save_tiny_sd3(root / "sd3"), "flux": save_tiny_flux(root / "flux"), "prompts": prompts}
+    return {"sd3": save_tiny_sd3(root / "sd3"), "flux": save_tiny_flux(root / "flux"),
+            "qwenimage": save_tiny_qwenimage(root / "qwenimage"),
+            "flux2_klein": save_tiny_flux2_klein(root / "flux2_klein"), "prompts": prompts}
 
 
 EXACT = ("trainable", "frozen", "buffers", "reference", "encoders", "vae", "grads", "optimizer", "ema",
@@ -153,6 +155,8 @@ def assert_exact(planned: plan.Plan, measured: dict[str, int]) -> None:
 @pytest.mark.parametrize("kind,finetune,dtype,optimizer", [
     ("sd3", "lora", "float32", "adamw"),
     ("flux", "full", "bfloat16", "adamw8bit"),
+    ("qwenimage", "lora", "float32", "adamw"),
+    ("flux2_klein", "full", "bfloat16", "adamw8bit"),
 ])
 def test_exact_parts_equal_the_trainers_allocations(tmp_path, pipes, exact_only, kind, finetune, dtype, optimizer):
     """Weights, buffers, reference, encoders, VAE, gradients, optimizer state after a step, EMA,

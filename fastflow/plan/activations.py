@@ -36,11 +36,11 @@ def _cast_specs(model, layout: Layout) -> list:
     arch = layout.arch
     names = {x.name: x for x in layout.trained}
     variants = model.block_variants
-    if arch.family == "sd3":
+    if arch.family in ("sd3", "qwenimage"):
         prefix = ["transformer_blocks"] * len(variants)
     else:
-        prefix = (["transformer_blocks"] * arch.transformer.get("num_layers", 19)
-                  + ["single_transformer_blocks"] * arch.transformer.get("num_single_layers", 38))
+        n_double = variants.count("double")
+        prefix = ["transformer_blocks"] * n_double + ["single_transformer_blocks"] * (len(variants) - n_double)
     out, index = [], {}
     for i, v in enumerate(model.block_keys()):
         pre = prefix[i]
@@ -90,17 +90,18 @@ def activations(cfg, layout: Layout, dtype, shard: bool, full: bool, train_b: tu
     ni, nt, r = layout.image_tokens, layout.text_tokens, m.lora_rank
     cast_specs = _cast_specs(model, layout)
     casts = sum(round_up(x.numel * dtype.itemsize, rnd) for x in cast_specs) if dtype != torch.float32 else 0
-    wgrad = wgrad_tmp([(x.name, x.numel) for x in layout.trainable], {x.name for x in cast_specs},
+    wgrad = wgrad_tmp([(x.name, x.numel) for x in layout.trainable if x.grad], {x.name for x in cast_specs},
                       dtype) if full else 0
     itemsize = dtype.itemsize
     tr = transients(arch.family, arch.transformer, lora=lora, targets=layout.targets, dtype=dtype,
                     trainable_dtype=tdt, rank=r, ni=ni, nt=nt)
     saved = model.saved(b_train, ni, nt, r)
 
+    cond_per = sum(math.prod(shape) * dt.itemsize for shape, dt in layout.cond_shapes.values())
+
     def inputs(b):  # the policy's inputs (latents cast, CFG copies, prompt embeddings) live through a forward
         B = b[0] * b[1]
-        return (B + b[0]) * lat * itemsize + B * (nt * arch.transformer["joint_attention_dim"] +
-                                                  arch.transformer["pooled_projection_dim"]) * itemsize
+        return (B + b[0]) * lat * itemsize + B * cond_per
 
     # the KL reference's forward, its own inputs with it
     t_ref = transient_at(tr["inference"], b_train) + inputs(train_b) if beta else 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from fastflow.plan.arch import PlanError
+from fastflow.plan.arch import DIFFUSERS_KINDS, PlanError
 from fastflow.plan.report import Advice, Plan
 
 
@@ -17,12 +17,12 @@ def _candidates(cfg, world: int, device: str, base: Plan) -> list[tuple[str, lis
 
     m, s, t, d = cfg.model, cfg.sample, cfg.train, cfg.distributed
     out: list[tuple[str, list[str]]] = []
-    shardable = m.kind in ("sd3", "flux", "toy")
-    if not d.activation_checkpointing and m.kind in ("sd3", "flux"):
+    shardable = m.kind in (*DIFFUSERS_KINDS, "toy")
+    if not d.activation_checkpointing and m.kind in DIFFUSERS_KINDS:
         out.append(("--distributed.activation_checkpointing true", ["--distributed.activation_checkpointing", "true"]))
     if t.optimizer == "adamw":
         out.append(("--train.optimizer adamw8bit", ["--train.optimizer", "adamw8bit"]))
-    if m.kind in ("sd3", "flux") and not m.offload_text_encoders:
+    if m.kind in DIFFUSERS_KINDS and not m.offload_text_encoders:
         out.append(("--model.offload_text_encoders true", ["--model.offload_text_encoders", "true"]))
     if world > 1 and shardable and base.strategy != "fsdp":
         out.append(("--distributed.strategy fsdp", ["--distributed.strategy", "fsdp"]))

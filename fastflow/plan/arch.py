@@ -28,8 +28,11 @@ class PlanError(ValueError):
 
 @dataclass
 class Arch:
-    """What the plan knows of a diffusers model: its family ("sd3" | "flux"), the transformer's
-    config, each text encoder's class and config, the VAE's config, and where they came from."""
+    """What the plan knows of a diffusers model: its family (the model.kind: "sd3", "flux",
+    "qwenimage", "flux2_klein"), the transformer's config, each text encoder's class and config, the
+    VAE's config, and where they came from. ``root``: the local pipeline folder (its tokenizer sizes
+    Qwen-Image's text length), "" for a shipped config; ``distilled``: a step-distilled FLUX.2
+    [klein] (its pipeline runs no CFG)."""
 
     family: str
     name: str
@@ -38,6 +41,8 @@ class Arch:
     text_encoders: dict[str, tuple[str, dict]]
     vae: dict
     tokenizer_max_length: int = 77
+    root: str = ""
+    distilled: bool = False
 
 
 def clean(cfg: dict) -> dict:
@@ -91,12 +96,28 @@ def _arch_from_dir(family: str, root: Path, source: str) -> Arch:
     if tok.is_file():
         max_len = int(json.loads(tok.read_text(encoding="utf-8")).get("model_max_length", 77) or 77)
         max_len = max_len if max_len < 10**6 else 77  # transformers' "no limit" sentinel is ~1e30
-    return Arch(family, root.name, source, tcfg, encoders, vcfg, max_len)
+    index = root / "model_index.json"
+    distilled = bool(json.loads(index.read_text(encoding="utf-8")).get("is_distilled", False)) if index.is_file() else False
+    return Arch(family, root.name, source, tcfg, encoders, vcfg, max_len, str(root), distilled)
 
 
-def _arch_from_shipped(d: dict, source: str) -> Arch:
+def _arch_from_shipped(d: dict, source: str, hub_id: str = "") -> Arch:
     enc = {n: (e["class"], e["config"]) for n, e in d["text_encoders"].items()}
-    return Arch(d["family"], d["name"], source, d["transformer"], enc, d["vae"])
+    return Arch(d["family"], d["name"], source, d["transformer"], enc, d["vae"],
+                distilled=hub_id in d.get("distilled_hub_ids", ()))
+
+
+DIFFUSERS_KINDS = ("sd3", "flux", "qwenimage", "flux2_klein")  # the policies over diffusers pipelines
+TRANSFORMER_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+                     "qwenimage": "QwenImageTransformer2DModel", "flux2_klein": "Flux2Transformer2DModel"}
+
+
+def _model_module(kind: str):
+    import importlib
+
+    if kind not in DIFFUSERS_KINDS:
+        raise PlanError(f"model.kind {kind}: not a diffusers model kind")
+    return importlib.import_module(f"fastflow.models.{kind}")
 
 
 def _hub_cache_dir(repo_id: str) -> Path | None:
@@ -120,10 +141,7 @@ def _hub_cache_dir(repo_id: str) -> Path | None:
 def resolve_arch(kind: str, path: str) -> Arch:
     """The architecture of ``model.kind`` / ``model.path``: a local pipeline folder's configs, else a
     local Hugging Face cache copy of the hub id, else the shipped published config of that id."""
-    from fastflow.models import flux as _flux
-    from fastflow.models import sd3 as _sd3
-
-    default = _sd3.DEFAULT_PATH if kind == "sd3" else _flux.DEFAULT_PATH
+    default = _model_module(kind).DEFAULT_PATH
     path = path or default
     p = Path(path).expanduser()
     if p.is_dir():
@@ -134,7 +152,7 @@ def resolve_arch(kind: str, path: str) -> Arch:
         d = _shipped_for(default)
         if d is None:
             raise PlanError(f"model.path {path}: a single weights file; no published config to plan it with")
-        return _arch_from_shipped(d, f"shipped config of {default} (model.path is a single file)")
+        return _arch_from_shipped(d, f"shipped config of {default} (model.path is a single file)", default)
     local = _hub_cache_dir(path)
     if local is not None:
         return _arch_from_dir(kind, local, f"the local Hugging Face copy of {path}")
@@ -145,7 +163,7 @@ def resolve_arch(kind: str, path: str) -> Arch:
                         f"give a local pipeline folder as model.path to plan it")
     if d["family"] != kind:
         raise PlanError(f"model.path {path} is a {d['family']} model, but model.kind is {kind}")
-    return _arch_from_shipped(d, f"shipped config {d['name']} ({path})")
+    return _arch_from_shipped(d, f"shipped config {d['name']} ({path})", path)
 
 
 # ------------------------------------------------------------------------ meta-device instances
@@ -165,38 +183,58 @@ def quiet() -> contextlib.ExitStack:
     return stack
 
 
+@contextlib.contextmanager
+def skip_init():
+    """torch.nn.init's initialisers as no-ops: on the meta device they only cost time (peft's
+    Gaussian LoRA initialisation of Qwen-Image's 720 adapted layers takes seconds there)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def meta_diffusers(class_name: str, config: dict) -> nn.Module:
     """A diffusers model built from ``config`` on the meta device (no memory)."""
     import diffusers
 
     cls = getattr(diffusers, class_name)
-    with quiet(), torch.device("meta"):
+    with quiet(), torch.device("meta"), skip_init():
         return cls.from_config(clean(config))
 
 
-def meta_transformers(class_name: str, config: dict) -> nn.Module:
-    """A transformers model built from ``config`` on the meta device."""
+def meta_transformers(class_name: str, config: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers model built from ``config`` on the meta device; ``dtype``: as
+    ``from_pretrained(dtype=...)`` builds it, with that default dtype (so buffers computed in
+    float32 on purpose, e.g. rotary frequencies, stay float32 as they do there)."""
     import transformers
 
     cls = getattr(transformers, class_name)
     cfg = cls.config_class(**clean(config))
-    with quiet(), torch.device("meta"):
-        return cls(cfg)
+    prev = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with quiet(), torch.device("meta"), skip_init():
+            return cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
 
 
 def transformer_blocks(family: str, transformer: nn.Module) -> list[nn.Module]:
     """The transformer's blocks in forward order (FSDP2's units, checkpointing's units)."""
-    if family == "sd3":
+    if family in ("sd3", "qwenimage"):
         return list(transformer.transformer_blocks)
     return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
 
 
 def default_targets(kind: str) -> list[str]:
     """The LoRA targets a policy uses when model.lora_targets is empty."""
-    from fastflow.models import flux as _flux
-    from fastflow.models import sd3 as _sd3
-
-    return list(_sd3.PAPER_TARGETS if kind == "sd3" else _flux.PAPER_TARGETS)
+    return list(_model_module(kind).PAPER_TARGETS)
 
 
 def clip_config(model_id: str, data: dict) -> dict | None:

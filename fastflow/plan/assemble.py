@@ -34,10 +34,12 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     dtype = parse_dtype(m.dtype)
     # the layout depends on the strategy (FSDP2 keeps the network as loaded) and the strategy on
     # the layout (auto picks FSDP2 from the trainable share): decide unsharded, then rebuild
-    layout = build_layout(cfg, shard=False)
+    # (an explicit FSDP2 run needs only the sharded one)
+    explicit = world > 1 and cfg.distributed.strategy == "fsdp"
+    layout = build_layout(cfg, shard=explicit)
     strategy = resolve_strategy(cfg, layout, world)
     shard = strategy == "fsdp"
-    if shard:
+    if shard and not explicit:
         layout = build_layout(cfg, shard=True)
     W = world if shard else 1
     offload = shard and dist.cpu_offload
@@ -59,7 +61,7 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
         f"({count(sum(x.numel for x in trainable))}{', sharded' if shard else ''})",
         0 if offload else shard_bytes(trainable), note=where)
     if frozen:
-        what = "transformer base" if layout.kind in ("sd3", "flux") else "base network"
+        what = "transformer base" if layout.diffusers else "base network"
         add("frozen", f"frozen: {what} {dtype_name(frozen[0].dtype)} ({count(sum(x.numel for x in frozen))}"
             f"{', sharded' if shard else ''})", 0 if offload else shard_bytes(frozen), note=where)
     if layout.trained_buffers:  # FSDP2 shards parameters only
@@ -70,7 +72,7 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
             f"{' (sharded)' if shard else ''}",
             (0 if offload else shard_bytes(layout.reference)) + sum_bytes(layout.reference_buffers, rnd),
             note=where)
-    elif layout.kind in ("sd3", "flux"):
+    elif layout.diffusers:
         add("reference", "frozen: KL reference = the base with the adapter disabled", 0)
     for label, specs in layout.extra_frozen:
         add(f"extra:{label}", f"frozen: {label}", sum_bytes(specs, rnd))
@@ -93,24 +95,30 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
             reward_transient = max(reward_transient,
                                    4 * b * info["tokens"] * (info["width"] + info["mlp"]) * info["itemsize"])
     # -- gradients, optimizer, EMA (FSDP2: one padded gradient buffer per group; the optimizer
-    # and the EMA hold this rank's unpadded local shards)
+    # and the EMA hold this rank's unpadded local shards). A trained tensor no loss reaches holds
+    # no gradient and no optimizer state (the EMA and the old policy copy it all the same).
+    reached = [x for x in trainable if x.grad]
     if shard:
-        grad_bytes = sum(round_up(sum(padded_numel(x, W) * x.dtype.itemsize for x in trainable if x.group == g), rnd)
-                         for g in sorted({x.group for x in trainable}))
+        grad_bytes = sum(round_up(sum(padded_numel(x, W) * x.dtype.itemsize for x in reached if x.group == g), rnd)
+                         for g in sorted({x.group for x in reached}))
         local = [local_numel(x, W, rank) for x in trainable]
+        local_reached = [local_numel(x, W, rank) for x in reached]
     else:
-        grad_bytes = sum_bytes(trainable, rnd)
+        grad_bytes = sum_bytes(reached, rnd)
         local = [x.numel for x in trainable]
-    add("grads", f"gradients {dtype_name(tdt)}", 0 if offload else grad_bytes, note=where)
+        local_reached = [x.numel for x in reached]
+    unreached = len(trainable) - len(reached)
+    add("grads", f"gradients {dtype_name(tdt)}", 0 if offload else grad_bytes,
+        note=where or (f"{unreached} trained tensors no loss reaches hold none" if unreached else ""))
     if t.optimizer == "adamw8bit":
         # bitsandbytes decides 8-bit by the local shard's size: 4096 elements of the whole
         # tensor become 4096 / W per shard (fastflow.parallel keeps the rule across ranks)
         min8 = max(1, 4096 // W) if shard else 4096
         add("optimizer", "optimizer state: 8-bit AdamW (uint8 moments + block scales)",
-            0 if offload else adamw8bit_state_bytes(local, min8, rnd), note=where)
+            0 if offload else adamw8bit_state_bytes(local_reached, min8, rnd), note=where)
     else:
         add("optimizer", "optimizer state: AdamW (2 float32 moments + step)",
-            0 if offload else adamw_state_bytes(local, rnd), note=where)
+            0 if offload else adamw_state_bytes(local_reached, rnd), note=where)
     ema_bytes = sum(round_up(4 * n, rnd) for n in local) if t.ema else 0
     add("ema", "EMA of the trainable weights (float32)", 0 if offload else ema_bytes,
         note=where or ("" if t.ema else "train.ema off"))
@@ -141,7 +149,7 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     micro = storage(tb)
     add("microbatch", f"training micro-batch copy ({tb} samples)", micro)
     # -- CUDA graphs (off under FSDP2: its gathers cannot be captured)
-    graphs = device == "cuda" and s.cuda_graph != "off" and not shard
+    graphs = device == "cuda" and s.cuda_graph != "off" and not shard and layout.graphs
     if graphs:
         T = s.train_steps
         add("graph_buffers", f"CUDA-graph static buffers (rollout program, batch {s.batch_size}, {T} steps)",
@@ -157,7 +165,7 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     train_act = act["train_ckpt" if ck else "train"]
     other = act["train" if ck else "train_ckpt"]
     ck_note = (f"{'without' if ck else 'with'} activation checkpointing: {fmt(other)}"
-               if layout.kind in ("sd3", "flux") else "activation checkpointing does not apply to this model")
+               if layout.diffusers else "activation checkpointing does not apply to this model")
     add("act_train", f"activations: training forward + backward, {tb * cfg_x} samples"
         f"{' (CFG x2)' if cfg_x == 2 else ''}{', checkpointed' if ck else ''}", train_act, "measured", note=ck_note)
     add("act_rollout", f"activations: rollout forward, {s.batch_size * cfg_x} samples (no grad)",
@@ -190,9 +198,9 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     P = {k: v.bytes for k, v in parts.items()}
     phases, phase_parts = _phases(P, m, t, layout, shard, offload, enc_bytes, ctx, store, per_call, micro,
                                   train_act, act, graphs, pool, eval_b, lat, cond_per, vae_roll, vae_eval,
-                                  reward_transient, copy_t, ddp_bucket, local)
+                                  reward_transient, copy_t, ddp_bucket, local_reached)
     header = _header(cfg, layout, world, strategy, tb, cfg_x, device, gpu_label, gpu_bytes)
-    notes = _notes(cfg, layout, device, phases, P, local, offload)
+    notes = _notes(cfg, layout, device, phases, P, local_reached, offload)
     return Plan(header, parts, phases, phase_parts, gpu_bytes, gpu_label, world, strategy, notes)
 
 
@@ -206,7 +214,7 @@ def _fsdp_parts(layout: Layout, W: int, itemsize: int, rnd: int, add) -> None:
     by_group = {g: [x for x in layout.trained if x.group == g] for g in groups}
     block_full = max((unsharded(v) for g, v in by_group.items() if g >= 0), default=0)
     root_full = unsharded(by_group.get(-1, []))
-    block_grad = max((sum(padded_numel(x, W) * W * (itemsize + 4) for x in v if x.trainable)
+    block_grad = max((sum(padded_numel(x, W) * W * (itemsize + 4) for x in v if x.trainable and x.grad)
                       for g, v in by_group.items() if g >= 0), default=0)
     ref_root = unsharded([x for x in layout.reference if x.group == -1])
     fsdp_train = root_full + max(ref_root + 2 * block_full if layout.reference else 0, 2 * block_full + block_grad)
@@ -265,7 +273,10 @@ def _notes(cfg, layout, device, phases, P, local, offload) -> list[str]:
                      f"for grpo's per-step training (not yet compared with this algorithm's trainer)")
     if m.compile:
         notes.append("model.compile: activations are planned for eager mode (compiled graphs usually hold less)")
-    if layout.kind in ("sd3", "flux"):
+    notes += layout.notes
+    if layout.diffusers and cfg.sample.cuda_graph != "off" and not layout.graphs:
+        notes.append(f"CUDA graphs: the {m.kind} policy does not capture its rollout (it runs eagerly)")
+    if layout.diffusers:
         notes.append("activations: measured on the CPU on copies of the architecture at a reduced width, "
                      "extrapolated (docs/memory.md)")
     if device == "cuda":

@@ -26,8 +26,8 @@ import torch
 from fastflow.plan.arch import clean, transformer_blocks
 from fastflow.plan.cache import cached
 from fastflow.plan.profiler import SavedTensors, Timeline
-from fastflow.plan.scaled import (build_scaled, forward, scaled_config, scaled_inputs, transient_config,
-                                  variant_keys)
+from fastflow.plan.scaled import (build_scaled, forward, head_dims, scaled_config, scaled_inputs,
+                                  transient_config, variant_keys)
 
 
 def lstsq(rows: list[list[float]], ys: list[float]) -> tuple[list[float], float]:
@@ -126,10 +126,12 @@ class _Threads:
 
 def measure_transformer(family: str, config: dict, *, lora: bool, targets: list[str], dtype: torch.dtype,
                         trainable_dtype: torch.dtype, alpha_ratio: float = 2.0) -> TransformerActivations:
-    """Fit the saved-bytes model on scaled copies: head dims (4, 8) (and LoRA ranks 2, 4) at a few
-    batch / token counts; enough points to determine every feature of _feats."""
+    """Fit the saved-bytes model on scaled copies: two head dims (scaled.head_dims: 4 and 8, or 8
+    and 16 where the rotary axes need it) and LoRA ranks 2 and 4 at a few batch / token counts;
+    enough points to determine every feature of _feats."""
     variants = variant_keys(family, config)
-    pts = [(4, 2), (8, 2), (4, 4)] if lora else [(4, 0), (8, 0)]
+    h1, h2 = head_dims(family)
+    pts = [(h1, 2), (h2, 2), (h1, 4)] if lora else [(h1, 0), (h2, 0)]
     tokens = [(16, 4, 1), (64, 4, 1), (16, 12, 1), (16, 4, 2), (64, 4, 2), (16, 12, 2)]
     rows: list[tuple] = []
     casts: dict[str, list[str]] = {}

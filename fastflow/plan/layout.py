@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from fastflow.plan.arch import (Arch, PlanError, clip_config, default_targets, meta_diffusers,
-                                meta_transformers, quiet, resolve_arch, reward_data)
+from fastflow.plan.arch import (DIFFUSERS_KINDS, TRANSFORMER_CLASS, Arch, PlanError, clip_config, default_targets,
+                                meta_diffusers, meta_transformers, quiet, resolve_arch, reward_data, skip_init)
 from fastflow.plan.tensors import TensorSpec, count, dtype_name, placed, specs_of, sum_bytes
 
 
@@ -43,24 +44,120 @@ class Layout:
     arch: Arch | None = None
     targets: list[str] = field(default_factory=list)
     transient_copy: list[TensorSpec] = field(default_factory=list)  # made while entering sampling
+    graphs: bool = True                  # the policy can capture its rollout as CUDA graphs
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def diffusers(self) -> bool:
+        return self.kind in DIFFUSERS_KINDS
 
     @property
     def trainable(self) -> list[TensorSpec]:
         return [s for s in self.trained if s.trainable]
 
 
+_POLICY_CLASSES = {"sd3": "SD3Policy", "flux": "FluxPolicy", "qwenimage": "QwenImagePolicy",
+                   "flux2_klein": "Flux2KleinPolicy"}
+
+
 def _policy_class(kind: str):
     import importlib
 
-    mod = importlib.import_module(f"fastflow.models.{kind}")
-    return {"sd3": getattr(mod, "SD3Policy", None), "flux": getattr(mod, "FluxPolicy", None)}[kind]
+    return getattr(importlib.import_module(f"fastflow.models.{kind}"), _POLICY_CLASSES[kind])
+
+
+def _block_prefixes(module: nn.Module, blocks: list[nn.Module]) -> list[str]:
+    """Each block's parameter-name prefix within ``module`` (e.g. ``transformer_blocks.3.``)."""
+    names = {id(m): n for n, m in module.named_modules()}
+    return [names[id(b)] + "." for b in blocks]
+
+
+_NO_GRAD: dict[str, frozenset] = {}
+
+
+def gradient_free(family: str, config: dict, lora: bool, targets: list[str], rank: int,
+                  real_prefixes: list[str]) -> frozenset:
+    """Names of the trained parameters (within the transformer) that no loss reaches, found by
+    autograd on the meta device: a copy of the transformer at its real widths with one block of
+    each kind (scaled.scaled_blocks), LoRA as the policy attaches it, one forward and backward.
+    What gets no gradient in a copy's block gets none in every real block of that kind."""
+    from fastflow.models.lora import apply_lora
+    from fastflow.plan.arch import TRANSFORMER_CLASS, clean, transformer_blocks
+    from fastflow.plan.scaled import scaled_blocks, scaled_config, scaled_inputs, variant_keys
+
+    key = json.dumps([family, clean(config), lora, sorted(targets), rank, real_prefixes], sort_keys=True, default=str)
+    if key in _NO_GRAD:
+        return _NO_GRAD[key]
+    variants = variant_keys(family, config)
+    rcfg, _, fit_keys = scaled_config(family, config, config["attention_head_dim"], variants)
+    meta = torch.device("meta")
+    with quiet(), skip_init():
+        model = meta_diffusers(TRANSFORMER_CLASS[family], rcfg)
+        with meta:
+            if lora:
+                apply_lora(model, rank=rank, alpha=2.0 * rank, targets=targets)
+            else:
+                model.requires_grad_(True)
+        out = model(**scaled_inputs(family, rcfg, 1, 4, 3, torch.float32, device="meta"))[0]
+        out.float().sum().backward()
+    copy_prefixes = _block_prefixes(model, transformer_blocks(family, model))
+    real_keys = ["first"] + variants[1:]
+    names = set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad or p.grad is not None:
+            continue
+        j = next((j for j, pre in enumerate(copy_prefixes) if n.startswith(pre)), None)
+        if j is None:
+            names.add(n)
+            continue
+        rel = n[len(copy_prefixes[j]):]
+        names |= {pre + rel for pre, k in zip(real_prefixes, real_keys) if k == fit_keys[j]}
+    _NO_GRAD[key] = frozenset(names)
+    return _NO_GRAD[key]
+
+
+def qwen_text_len(cfg, arch: Arch) -> tuple[int, str]:
+    """Qwen-Image's text length, as QwenImagePolicy.fit_prompts sets it from the run's prompt
+    lists (the longest, the negative prompt included, rounded up to 16, at most 512), with the
+    pipeline's tokenizer when the model folder has one and the prompt files are here; else the
+    most it can be (512). Returns (tokens, how)."""
+    from fastflow.models.qwenimage import MAX_SEQUENCE_LENGTH, QwenImagePolicy
+
+    most = (MAX_SEQUENCE_LENGTH, f"{MAX_SEQUENCE_LENGTH} text tokens, the most (the run pads its prompts to the "
+                                 f"longest of its lists, rounded up to 16)")
+    tok_dir = Path(arch.root) / "tokenizer" if arch.root else None
+    paths = [cfg.data.train_prompts, cfg.data.eval_prompts]
+    if tok_dir is None or not tok_dir.is_dir() or not all(paths):
+        return most
+    from diffusers import QwenImagePipeline
+    from transformers import AutoTokenizer
+
+    from fastflow.data import load_prompts
+
+    try:
+        texts = [p.text for p in load_prompts(paths[0])]
+        ev = load_prompts(paths[1])
+    except (OSError, ValueError):
+        return most
+    if cfg.eval.max_prompts:
+        ev = ev[: cfg.eval.max_prompts]
+    texts += [p.text for p in ev]
+    with quiet():
+        pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, transformer=None,
+                                 tokenizer=AutoTokenizer.from_pretrained(str(tok_dir)))
+    pol = object.__new__(QwenImagePolicy)  # its prompt-length rule only
+    pol.pipe, pol.max_sequence_length, pol.text_len = pipe, MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH
+    pol.set_text_len = lambda n: setattr(pol, "text_len", n)
+    QwenImagePolicy.fit_prompts(pol, texts)
+    return pol.text_len, f"{pol.text_len} text tokens (the longest prompt of the run's lists, rounded up to 16)"
 
 
 def diffusers_layout(cfg, arch: Arch, shard: bool) -> Layout:
-    """The sd3 / flux policy's tensors on the meta device, placed by the policy's own set-up code
-    (TunedTransformerPolicy._place_text_encoders / _setup_transformer with a meta device), from
-    components built as ``from_pretrained(dtype=model.dtype)`` builds them; ``shard``: the run
-    uses FSDP2 (the network stays as loaded and FSDP2 casts the trained weights to float32)."""
+    """A diffusers policy's tensors (sd3, flux, qwenimage, flux2_klein) on the meta device, placed
+    by the policy's own set-up code (TunedTransformerPolicy._place_text_encoders /
+    _setup_transformer with a meta device), from components built as
+    ``from_pretrained(dtype=model.dtype)`` builds them; ``shard``: the run uses FSDP2 (the network
+    stays as loaded and FSDP2 casts the trained weights to float32)."""
     from fastflow.models.sd3 import MAX_SEQUENCE_LENGTH, place
     from fastflow.runtime import parse_dtype
 
@@ -68,11 +165,10 @@ def diffusers_layout(cfg, arch: Arch, shard: bool) -> Layout:
     dtype = parse_dtype(m.dtype)
     family = arch.family
     meta = torch.device("meta")
-    tclass = arch.transformer.get("_class_name") or ("SD3Transformer2DModel" if family == "sd3"
-                                                     else "FluxTransformer2DModel")
+    tclass = arch.transformer.get("_class_name") or TRANSFORMER_CLASS[family]
     with quiet():  # diffusers warns about .to(dtype) on models built without from_pretrained
         transformer = meta_diffusers(tclass, arch.transformer).to(dtype)
-        encoders = {name: meta_transformers(cls, ecfg).to(dtype) for name, (cls, ecfg) in arch.text_encoders.items()}
+        encoders = {name: meta_transformers(cls, ecfg, dtype) for name, (cls, ecfg) in arch.text_encoders.items()}
         vae = meta_diffusers(arch.vae.get("_class_name", "AutoencoderKL"), arch.vae).to(dtype)
     targets = list(m.lora_targets) or default_targets(family)
     policy = object.__new__(_policy_class(family))  # its set-up methods only, on the meta device
@@ -80,13 +176,17 @@ def diffusers_layout(cfg, arch: Arch, shard: bool) -> Layout:
     policy.pipe = SimpleNamespace(transformer=transformer, vae=vae, text_encoder=encoders.get("text_encoder"),
                                   text_encoder_2=encoders.get("text_encoder_2"),
                                   text_encoder_3=encoders.get("text_encoder_3"))
-    with quiet(), meta:
+    with quiet(), meta, skip_init():
         policy._place_text_encoders()
         place(vae, meta, torch.float32)
         policy._setup_transformer(transformer, finetune=m.finetune, lora_rank=m.lora_rank,
                                   lora_alpha=m.lora_alpha, targets=targets, compile=False, shard_later=shard)
     blocks = policy._blocks(transformer)
     params, buffers = specs_of(transformer, {id(b): i for i, b in enumerate(blocks)}, "transformer.")
+    no_grad = gradient_free(family, arch.transformer, m.finetune == "lora", targets, m.lora_rank,
+                            _block_prefixes(transformer, blocks))
+    params = [dataclasses.replace(x, grad=False) if x.trainable and x.name[len("transformer."):] in no_grad else x
+              for x in params]
     if shard:  # fastflow.parallel.apply_fsdp(master_dtype=float32) casts the trained parameters
         params = [dataclasses.replace(x, dtype=torch.float32) if x.trainable else x for x in params]
     ref, ref_buffers = [], []
@@ -99,26 +199,44 @@ def diffusers_layout(cfg, arch: Arch, shard: bool) -> Layout:
         enc_specs.append((name, ps + bs))
     vps, vbs = specs_of(vae)
     tc = arch.transformer
-    vsf = 2 ** (len(arch.vae.get("block_out_channels", [0])) - 1)  # the VAE's spatial factor
     res = m.resolution
+    notes = []
+    cfg_doubles = True
     if family == "sd3":
+        vsf = 2 ** (len(arch.vae.get("block_out_channels", [0])) - 1)  # the VAE's spatial factor
         side = res // vsf
         patch = tc.get("patch_size", 2)
         latent = (tc.get("in_channels", 16), side, side)
         n_img = (side // patch) ** 2
         n_txt = arch.tokenizer_max_length + MAX_SEQUENCE_LENGTH  # CLIP tokens + T5 tokens
-    else:  # FLUX packs 2 x 2 latent patches into tokens
+    elif family == "flux":  # FLUX packs 2 x 2 latent patches into tokens
+        vsf = 2 ** (len(arch.vae.get("block_out_channels", [0])) - 1)
         side = 2 * (res // (vsf * 2))
         n_img = (side // 2) ** 2
         latent = (n_img, tc.get("in_channels", 64))
         n_txt = MAX_SEQUENCE_LENGTH
-    cond = {"prompt_embeds": ((n_txt, tc["joint_attention_dim"]), dtype),
-            "pooled_prompt_embeds": ((tc["pooled_projection_dim"],), dtype)}
+        cfg_doubles = False  # guidance-distilled: the scale goes to the guidance embedding
+    else:  # Qwen-Image, FLUX.2 [klein]: packed latents of (H / 16) x (W / 16) tokens
+        vsf = (2 ** len(arch.vae.get("temperal_downsample", [False, True, True])) if family == "qwenimage"
+               else 2 ** (len(arch.vae.get("block_out_channels", [0])) - 1))
+        side = res // (vsf * 2)
+        n_img = side * side
+        latent = (n_img, tc.get("in_channels", 64 if family == "qwenimage" else 128))
+        if family == "qwenimage":  # the run's text length: set by build_layout (with_text_len)
+            from fastflow.models.qwenimage import MAX_SEQUENCE_LENGTH as n_txt
+        else:
+            from fastflow.models.flux2_klein import MAX_SEQUENCE_LENGTH as n_txt
+            cfg_doubles = not arch.distilled  # the step-distilled klein runs no CFG
+    cond = {"prompt_embeds": ((n_txt, tc["joint_attention_dim"]), dtype)}
+    if "pooled_projection_dim" in tc and family in ("sd3", "flux"):
+        cond["pooled_prompt_embeds"] = ((tc["pooled_projection_dim"],), dtype)
+    if family == "qwenimage":
+        cond["prompt_embeds_mask"] = ((n_txt,), torch.bool)
     return Layout(kind=family, trained=params, trained_buffers=buffers, reference=ref,
                   reference_buffers=ref_buffers, extra_frozen=[], encoders=enc_specs, vae=vps + vbs,
                   shardable=True, n_blocks=len(blocks), latent_shape=latent, cond_shapes=cond,
-                  cfg_doubles=family == "sd3", image_tokens=n_img, text_tokens=n_txt, arch=arch,
-                  targets=targets)
+                  cfg_doubles=cfg_doubles, image_tokens=n_img, text_tokens=n_txt, arch=arch,
+                  targets=targets, graphs=getattr(type(policy), "supports_cuda_graphs", True), notes=notes)
 
 
 def shapes_layout(cfg) -> Layout:
@@ -181,16 +299,34 @@ def build_layout(cfg, shard: bool) -> Layout:
                       m.resolution, m.shift, shard], default=str)
     if key not in _LAYOUTS:
         kind = m.kind
-        if kind in ("sd3", "flux"):
+        if kind in DIFFUSERS_KINDS:
             _LAYOUTS[key] = diffusers_layout(cfg, resolve_arch(kind, m.path), shard)
         elif kind == "shapes":
             _LAYOUTS[key] = shapes_layout(cfg)
         elif kind == "toy":
             _LAYOUTS[key] = toy_layout(cfg)
         else:
-            raise PlanError(f"model.kind {kind}: no memory plan for this model yet (planned: sd3, flux, "
-                            f"shapes, toy)")
-    return _LAYOUTS[key]
+            raise PlanError(f"model.kind {kind}: no memory plan for this model yet (planned: "
+                            f"{', '.join(DIFFUSERS_KINDS)}, shapes, toy)")
+    layout = _LAYOUTS[key]
+    return with_text_len(cfg, layout) if m.kind == "qwenimage" else layout
+
+
+_TEXT_LENS: dict[str, tuple[int, str]] = {}
+
+
+def with_text_len(cfg, layout: Layout) -> Layout:
+    """A Qwen-Image layout at the run's text length (qwen_text_len), which sizes the prompt
+    embeddings, their mask and the text tokens of every forward."""
+    key = json.dumps([layout.arch.root, cfg.data.train_prompts, cfg.data.eval_prompts, cfg.eval.max_prompts])
+    if key not in _TEXT_LENS:
+        _TEXT_LENS[key] = qwen_text_len(cfg, layout.arch)
+    n_txt, how = _TEXT_LENS[key]
+    cond = dict(layout.cond_shapes)
+    cond["prompt_embeds"] = ((n_txt, cond["prompt_embeds"][0][1]), cond["prompt_embeds"][1])
+    cond["prompt_embeds_mask"] = ((n_txt,), torch.bool)
+    return dataclasses.replace(layout, text_tokens=n_txt, cond_shapes=cond,
+                               notes=[*layout.notes, f"Qwen-Image prompts: {how}"])
 
 
 def resolve_strategy(cfg, layout: Layout, world: int) -> str:

@@ -19,26 +19,41 @@ def measure_vae_decode(config: dict) -> dict:
     """Peak bytes of a float32 VAE decode per decoded pixel: {"per_pixel", "constant"}. Channels
     are divided by a factor that keeps them multiples of the group norm's groups (the architecture
     otherwise as configured), measured at two latent sizes and two widths, and extrapolated
-    linearly in the width (a decode's working set is a few feature maps of the widest stage)."""
+    linearly in the width (a decode's working set is a few feature maps of the widest stage).
+    Qwen-Image's Wan-style 3D VAE (AutoencoderKLQwenImage: channels ``base_dim`` x ``dim_mult``,
+    causal 3D convolutions) decodes one frame and is measured at its own width, at latent sides 16
+    and 32: the CPU picks other 3D convolution algorithms for small inputs and narrow copies
+    (twice the bytes per pixel at side 8), so neither a narrow copy nor a small latent
+    extrapolates."""
     c = clean(config)
-    chans = list(c.get("block_out_channels", [64]))
-    groups = c.get("norm_num_groups", 32)
-    scales = [f for f in (1 / 8, 1 / 4, 1 / 2, 1) if all((ch * f) % groups == 0 and ch * f >= groups for ch in chans)]
+    wan = "base_dim" in c
+    if wan:
+        chans = [c["base_dim"] * u for u in c.get("dim_mult", [1, 2, 4, 4])]
+        scales = [1.0]
+        vsf = 2 ** len(c.get("temperal_downsample", [False, True, True]))
+        z_ch = c.get("z_dim", 16)
+    else:
+        chans = list(c.get("block_out_channels", [64]))
+        groups = c.get("norm_num_groups", 32)
+        scales = [f for f in (1 / 8, 1 / 4, 1 / 2, 1)
+                  if all((ch * f) % groups == 0 and ch * f >= groups for ch in chans)]
+        vsf = 2 ** (len(chans) - 1)
+        z_ch = c.get("latent_channels", 4)
+    sides = (16, 32) if wan else (8, 16)
     if math.prod(chans) and sum(chans) * max(chans) < 2e5:  # a small VAE: measure it as it is
         scales = [1.0]
     scales = scales[:2] if len(scales) >= 2 else scales
-    vsf = 2 ** (len(chans) - 1)
     rows, ys = [], []
     with _Threads():
         for f in scales:
-            cf = dict(c, block_out_channels=[int(ch * f) for ch in chans])
+            cf = c if wan else dict(c, block_out_channels=[int(ch * f) for ch in chans])
             vae = meta_diffusers(config.get("_class_name", "AutoencoderKL"), cf).to_empty(device="cpu")
             with torch.no_grad():
                 for t in [*vae.parameters(), *vae.buffers()]:
                     if t.dtype.is_floating_point:
                         t.zero_()
-                for side in (8, 16):
-                    z = torch.zeros(1, c.get("latent_channels", 4), side, side)
+                for side in sides:
+                    z = torch.zeros(1, z_ch, 1, side, side) if wan else torch.zeros(1, z_ch, side, side)
                     px = (side * vsf) ** 2
                     ys.append(peak_bytes(lambda: vae.decode(z, return_dict=False)[0]))
                     rows.append([px * f, px, 1.0] if len(scales) > 1 else [px, 1.0])

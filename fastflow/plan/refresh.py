@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SUPPORTED = ("sd3", "flux", "shapes", "toy")
+SUPPORTED = ("sd3", "flux", "qwenimage", "flux2_klein", "shapes", "toy")
 
 
 def main(argv: list[str]) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
     from fastflow.config import ConfigError, load_config, validate
     from fastflow.plan import GiB, PlanError, make_plan
     from fastflow.plan import cache as plan_cache
+    from fastflow.plan.arch import DIFFUSERS_KINDS
     from fastflow.plan.cli import offline_copy
 
     paths = [Path(a) for a in args] or sorted(Path("configs").glob("*.toml"))
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
                 print(f"{path}: model.kind {base.model.kind} is not planned; skipped", flush=True)
                 continue
             modes = [base.model.finetune] + (["full" if base.model.finetune == "lora" else "lora"]
-                                             if base.model.kind in ("sd3", "flux") else [])
+                                             if base.model.kind in DIFFUSERS_KINDS else [])
             for mode in modes:
                 cfg, _ = offline_copy(load_config(str(path), ["--model.finetune", mode]))
                 for world in (1, 2):

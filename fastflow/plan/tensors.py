@@ -67,14 +67,17 @@ def round_up(n: int, to: int) -> int:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One parameter or buffer: its name, shape, dtype, whether it trains and its FSDP2 group
-    (a block's index, -1 for the root that gathers everything outside the blocks)."""
+    """One parameter or buffer: its name, shape, dtype, whether it trains, its FSDP2 group (a
+    block's index, -1 for the root that gathers everything outside the blocks) and, for a trained
+    one, whether a loss reaches it (one that none reaches holds no gradient and no optimizer
+    state: Qwen-Image's last block's text output is discarded)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     trainable: bool = False
     group: int = -1
+    grad: bool = True
 
     @property
     def numel(self) -> int:
