@@ -7,6 +7,7 @@ These count bytes; they do not interpret them (fit.py and measure.py do).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -100,7 +101,8 @@ def _cast_source(t: torch.Tensor):
 
 
 class SavedTensors:
-    """Counts what autograd saves for backward while a forward runs, each storage once: bytes by
+    """Counts what autograd saves for backward while a forward runs and still holds when it
+    returns, each storage once: bytes by
     the block (index into ``blocks``) whose forward saved it (None: outside every block), each
     block's input bytes (what a checkpointed block keeps for its recompute), and the names of
     the parameters whose autocast copies were saved (weight copies, told apart from activations).
@@ -127,9 +129,13 @@ class SavedTensors:
             hooks.append(b.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(b.register_forward_hook(lambda m, a, out: current.__setitem__(0, None)))
 
+        refs: dict[int, list] = {}
+
         def pack(t):
             st = t.untyped_storage()
             key = st._cdata
+            if key not in self.owned:
+                refs.setdefault(key, []).append(weakref.ref(t))
             if key not in self.owned and key not in seen:
                 src = _cast_source(t)
                 if src is not None:
@@ -145,9 +151,12 @@ class SavedTensors:
         finally:
             for h in hooks:
                 h.remove()
+        # what the forward saved for a branch whose output it discarded (Qwen-Image's last block's
+        # text stream) was freed with that branch's graph before the forward returned: not held
+        live = {k for k, rs in refs.items() if any(r() is not None for r in rs)}
         del out
         per: dict[int | None, int] = {}
-        for v in seen.values():
-            if v is not None:
+        for k, v in seen.items():
+            if v is not None and k in live:
                 per[v[0]] = per.get(v[0], 0) + v[1]
         return per, inputs, casts
