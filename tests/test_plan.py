@@ -286,8 +286,9 @@ def test_fsdp2_chunks():
 
 def _profiled_step(policy, cfg, ckpt: bool) -> tuple[int, int]:
     """CPU profiler peaks of one trained step as the trainer runs it (the policy forward with
-    grad, the reference forward, the per-step loss, the backward; gradients already allocated by
-    an earlier step) and of one no-grad rollout step, above what was alive before."""
+    grad, the reference forward when train.beta > 0, the per-step loss, the backward; gradients
+    already allocated by an earlier step) and of one no-grad rollout step, above what was alive
+    before."""
     from fastflow import ops
     from fastflow.rollout import recompute_step, sample
     from fastflow.runtime import forward_context
@@ -303,13 +304,17 @@ def _profiled_step(policy, cfg, ckpt: bool) -> tuple[int, int]:
                   generator=torch.Generator().manual_seed(0), device="cpu", autocast=fwd)
     adv = torch.linspace(-1, 1, s.batch_size)
 
-    def step():
+    beta = cfg.train.beta
+
+    def step():  # as Trainer.train_on: the reference forward only with a KL term
         v = recompute_step(policy, traj, 0, guidance_scale=s.guidance_scale, autocast=fwd)
-        with torch.no_grad():
-            ref = recompute_step(policy, traj, 0, guidance_scale=s.guidance_scale, autocast=fwd, reference=True)
+        ref = None
+        if beta > 0:
+            with torch.no_grad():
+                ref = recompute_step(policy, traj, 0, guidance_scale=s.guidance_scale, autocast=fwd, reference=True)
         loss, _ = ops.grpo_step_loss(traj.latents[:, 0], traj.next_latents[:, 0], v, traj.sigmas[0],
                                      traj.sigmas_next[0], traj.log_probs[:, 0], adv, noise_level=0.7,
-                                     clip_range=1e-4, beta=0.04, velocity_ref=ref, sigma_guard=traj.sigma_guard)
+                                     clip_range=1e-4, beta=beta, velocity_ref=ref, sigma_guard=traj.sigma_guard)
         loss.backward()
 
     step()
