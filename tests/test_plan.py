@@ -226,22 +226,63 @@ def _worker() -> int:
     return 0
 
 
-def test_fsdp2_shards_at_two_ranks_equal_the_plan(tmp_path, pipes, exact_only):
+def _fsdp_argv(pipes, out_dir) -> list[str]:
+    argv = tiny_args("sd3", pipes["sd3"], pipes["prompts"], out_dir / "runs", "--model.finetune", "full",
+                     "--model.dtype", "bfloat16", "--train.optimizer", "adamw8bit",
+                     "--distributed.strategy", "fsdp")
+    argv[argv.index("--sample.group_size") + 1] = "2"  # 3 x 2 = 6 images: 3 per rank
+    return argv
+
+
+def _start_fsdp_run(pipes, out_dir):
+    """The 2-rank FSDP2 run of tiny SD3 (torchrun, gloo), writing each rank's parts to out_dir."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__)), str(out_dir), *_fsdp_argv(pipes, out_dir)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fsdp_run(request, tmp_path_factory):
+    """test_fsdp2_shards_at_two_ranks_equal_the_plan's 2-rank run, started in the background as
+    this module starts (when that test is selected): its two processes spend most of their time
+    importing, which overlaps the one-process tests instead of following them."""
+    import importlib.util
+
+    wanted = any(getattr(it, "originalname", it.name) == "test_fsdp2_shards_at_two_ranks_equal_the_plan"
+                 for it in request.session.items)
+    if not wanted or importlib.util.find_spec("bitsandbytes") is None:
+        yield None
+        return
+    try:
+        pipes = request.getfixturevalue("pipes")
+    except pytest.skip.Exception:
+        yield None
+        return
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    proc = _start_fsdp_run(pipes, out_dir)
+    yield proc, out_dir
+    if proc.poll() is None:  # the test never collected it
+        proc.kill()
+        proc.wait()
+
+
+def test_fsdp2_shards_at_two_ranks_equal_the_plan(pipes, fsdp_run, exact_only):
     """Per-rank shards, gradient buffers, the sharded reference, 8-bit AdamW state (decided per
     local shard) and EMA of both ranks of a 2-rank FSDP2 full fine-tuning run equal the plan for
     that rank (uneven chunks: test_fsdp2_chunks; the tiny model's first dimensions are even)."""
     pytest.importorskip("bitsandbytes")
-    argv = tiny_args("sd3", pipes["sd3"], pipes["prompts"], tmp_path / "runs", "--model.finetune", "full",
-                     "--model.dtype", "bfloat16", "--train.optimizer", "adamw8bit",
-                     "--distributed.strategy", "fsdp")
-    argv[argv.index("--sample.group_size") + 1] = "2"  # 3 x 2 = 6 images: 3 per rank
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__)), str(tmp_path), *argv]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    proc, out_dir = fsdp_run
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError("the 2-rank run took over 300 s: " + output[-4000:]) from None
+    assert proc.returncode == 0, output[-4000:]
+    argv = _fsdp_argv(pipes, out_dir)
     cfg = load_config(None, argv)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rank, measured in enumerate(ranks):
         assert measured.pop("strategy") == "fsdp"
         planned = plan.make_plan(cfg, 2, device="cpu", advice=False, rank=rank)

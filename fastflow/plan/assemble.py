@@ -9,7 +9,6 @@ no context): the form the tests compare with real allocations.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -50,8 +49,8 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     def add(key, label, nbytes, how="exact", note=""):
         parts[key] = Part(key, label, int(nbytes), how, note)
 
-    def shard_bytes(specs, dt=None):
-        return sum_bytes([dataclasses.replace(x, shape=(padded_numel(x, W),)) for x in specs], rnd, dt)
+    def shard_bytes(specs, dt=None):  # each tensor's padded FSDP2 shard (the whole tensor at W = 1)
+        return sum(round_up(padded_numel(x, W) * (dt or x.dtype).itemsize, rnd) for x in specs)
 
     # -- weights
     trainable = layout.trainable

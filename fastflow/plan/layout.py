@@ -19,7 +19,7 @@ from torch import nn
 
 from fastflow.plan.arch import (DIFFUSERS_KINDS, TRANSFORMER_CLASS, Arch, PlanError, clip_config, default_targets,
                                 meta_diffusers, meta_transformers, quiet, resolve_arch, reward_data, skip_init)
-from fastflow.plan.tensors import TensorSpec, count, dtype_name, placed, specs_of, sum_bytes
+from fastflow.plan.tensors import TensorSpec, count, dtype_name, specs_of, sum_bytes
 
 
 @dataclass
@@ -384,7 +384,7 @@ def reward_models(cfg, device: str) -> list[tuple[str, int, str, dict]]:
                 out.append((f"reward {name}: {model_id} (unknown config, not counted)", 0, "estimate", {}))
                 continue
             ps, bs = _clip_specs(json.dumps(ccfg["config"], sort_keys=True))
-            size = sum_bytes([placed(s, dt) for s in ps + bs])
+            size = sum(s.numel * (dt if s.dtype.is_floating_point else s.dtype).itemsize for s in ps + bs)  # placed
             vc = ccfg["config"]["vision_config"]
             info = {"tokens": (vc["image_size"] // vc["patch_size"]) ** 2 + 1, "width": vc["hidden_size"],
                     "mlp": vc["intermediate_size"], "itemsize": dt.itemsize,

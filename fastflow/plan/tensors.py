@@ -7,6 +7,7 @@ trainer allocates (tests/test_plan.py compares it with real allocations).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -79,8 +80,8 @@ class TensorSpec:
     group: int = -1
     grad: bool = True
 
-    @property
-    def numel(self) -> int:
+    @functools.cached_property
+    def numel(self) -> int:  # (cached: the advice sums millions of them)
         return math.prod(self.shape)
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
