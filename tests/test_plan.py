@@ -536,6 +536,22 @@ def test_startup_refuses_a_run_that_cannot_fit_before_anything_loads(tmp_path, m
     assert parse_cli([*argv, "--no-plan-check"]).plan_check is False
 
 
+def test_startup_refuses_qwenimage_on_one_small_gpu_with_advice(monkeypatch, capsys, no_measuring):
+    """The shipped Qwen-Image recipe on one 48 GiB GPU (faked): refused before anything loads, with
+    what would make it fit (more GPUs: every rank gathers the 38 GiB bf16 base while sampling),
+    from shipped configurations and measurements only."""
+    from fastflow import train
+
+    _fake_gpu(monkeypatch, 48 << 30)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config("configs/qwenimage_pickscore.toml")
+    assert train.memory_plan_refused(cfg)
+    err = capsys.readouterr().err
+    assert err.startswith("fastflow: memory plan: does not fit") and "48.00 GiB" in err, err
+    assert "it would fit with:" in err and "GPUs" in err, err
+
+
 def test_cpu_runs_are_never_refused(tmp_path):
     cfg = load_config(None, shapes_args(tmp_path, "--eval.batch_size", "100000"))
     assert plan.startup_check(cfg, 1) is None
