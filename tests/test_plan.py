@@ -280,14 +280,23 @@ def test_fsdp2_shards_at_two_ranks_equal_the_plan(pipes, fsdp_run, exact_only):
         output, _ = proc.communicate()
         raise AssertionError("the 2-rank run took over 300 s: " + output[-4000:]) from None
     assert proc.returncode == 0, output[-4000:]
+    from fastflow.plan import layout
+
     argv = _fsdp_argv(pipes, out_dir)
     cfg = load_config(None, argv)
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
-    for rank, measured in enumerate(ranks):
-        assert measured.pop("strategy") == "fsdp"
-        planned = plan.make_plan(cfg, 2, device="cpu", advice=False, rank=rank)
-        assert planned.strategy == "fsdp"
-        assert_exact(planned, measured)
+    for m in ranks:
+        assert m.pop("strategy") == "fsdp"
+    # the sharded layout set up for FSDP2 directly, and taken from the one-process layout (which
+    # the plan does when the policy places both alike: layout._shard_invariant)
+    for derived in (False, True):
+        layout._LAYOUTS.clear()
+        if derived:
+            plan.make_plan(cfg, 1, device="cpu", advice=False)
+        for rank, measured in enumerate(ranks):
+            planned = plan.make_plan(cfg, 2, device="cpu", advice=False, rank=rank)
+            assert planned.strategy == "fsdp"
+            assert_exact(planned, measured)
 
 
 # ----------------------------------------------------------------------------------- small parts

@@ -290,6 +290,48 @@ def toy_layout(cfg) -> Layout:
 
 
 _LAYOUTS: dict[str, Layout] = {}  # the advice re-plans many variants of one model: build it once
+_INVARIANT: dict[str, bool] = {}
+
+
+def _probe_specs(cfg, arch: Arch, shard: bool) -> list:
+    """The transformer's and the reference's tensors (name, shape, dtype, trainable) as the
+    policy's _setup_transformer places them, with FSDP2's float32 cast of the trained ones when
+    ``shard``, on a copy with one block of each kind at the real widths."""
+    from fastflow.plan.scaled import scaled_config, variant_keys
+    from fastflow.runtime import parse_dtype
+
+    m = cfg.model
+    dtype = parse_dtype(m.dtype)
+    rcfg, _, _ = scaled_config(arch.family, arch.transformer, arch.transformer["attention_head_dim"],
+                               variant_keys(arch.family, arch.transformer))
+    meta = torch.device("meta")
+    with quiet():
+        transformer = meta_diffusers(TRANSFORMER_CLASS[arch.family], rcfg).to(dtype)
+    policy = object.__new__(_policy_class(arch.family))
+    policy.device, policy.dtype = meta, dtype
+    with quiet(), meta, skip_init():
+        policy._setup_transformer(transformer, finetune=m.finetune, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
+                                  targets=list(m.lora_targets) or default_targets(arch.family), compile=False,
+                                  shard_later=shard)
+    ps, bs = specs_of(transformer)
+    if shard:
+        ps = [dataclasses.replace(x, dtype=torch.float32) if x.trainable else x for x in ps]
+    ref = policy.tuning.ref_transformer
+    rs = [*specs_of(ref)[0], *specs_of(ref)[1]] if ref is not None else []
+    return [(x.name, x.shape, x.dtype, x.trainable) for x in [*ps, *bs, *rs]]
+
+
+def _shard_invariant(cfg, arch: Arch) -> bool:
+    """Whether the policy's set-up for an FSDP2 run, followed by FSDP2's float32 cast of the trained
+    tensors, leaves the same tensors as its one-process set-up (then the full-depth model need not
+    be set up twice): checked on one-block-per-kind copies at the real widths, by the policy's own
+    code."""
+    m = cfg.model
+    key = json.dumps([arch.family, arch.transformer, m.dtype, m.finetune, m.lora_rank, m.lora_alpha,
+                      list(m.lora_targets)], sort_keys=True, default=str)
+    if key not in _INVARIANT:
+        _INVARIANT[key] = _probe_specs(cfg, arch, False) == _probe_specs(cfg, arch, True)
+    return _INVARIANT[key]
 
 
 def build_layout(cfg, shard: bool) -> Layout:
@@ -299,7 +341,10 @@ def build_layout(cfg, shard: bool) -> Layout:
                       m.resolution, m.shift, shard], default=str)
     if key not in _LAYOUTS:
         kind = m.kind
-        if kind in DIFFUSERS_KINDS:
+        other = json.dumps([*json.loads(key)[:-1], not shard], default=str)
+        if kind in DIFFUSERS_KINDS and other in _LAYOUTS and _shard_invariant(cfg, _LAYOUTS[other].arch):
+            _LAYOUTS[key] = _LAYOUTS[other]  # placed alike, FSDP2's cast included: the same tensors
+        elif kind in DIFFUSERS_KINDS:
             _LAYOUTS[key] = diffusers_layout(cfg, resolve_arch(kind, m.path), shard)
         elif kind == "shapes":
             _LAYOUTS[key] = shapes_layout(cfg)
