@@ -98,8 +98,10 @@ def plan_once(cfg, derived, world: int, device: str, gpu_bytes, gpu_label, eval_
     # no gradient and no optimizer state (the EMA and the old policy copy it all the same).
     reached = [x for x in trainable if x.grad]
     if shard:
-        grad_bytes = sum(round_up(sum(padded_numel(x, W) * x.dtype.itemsize for x in reached if x.group == g), rnd)
-                         for g in sorted({x.group for x in reached}))
+        per_group: dict[int, int] = {}
+        for x in reached:
+            per_group[x.group] = per_group.get(x.group, 0) + padded_numel(x, W) * x.dtype.itemsize
+        grad_bytes = sum(round_up(b, rnd) for b in per_group.values())
         local = [local_numel(x, W, rank) for x in trainable]
         local_reached = [local_numel(x, W, rank) for x in reached]
     else:
@@ -209,8 +211,9 @@ def _fsdp_parts(layout: Layout, W: int, itemsize: int, rnd: int, add) -> None:
     sampling the whole network (fastflow.rollout gathers it once for every step)."""
     def unsharded(specs):
         return sum(round_up(padded_numel(x, W) * W * itemsize, rnd) for x in specs)
-    groups = sorted({x.group for x in layout.trained})
-    by_group = {g: [x for x in layout.trained if x.group == g] for g in groups}
+    by_group: dict[int, list] = {}
+    for x in layout.trained:
+        by_group.setdefault(x.group, []).append(x)
     block_full = max((unsharded(v) for g, v in by_group.items() if g >= 0), default=0)
     root_full = unsharded(by_group.get(-1, []))
     block_grad = max((sum(padded_numel(x, W) * W * (itemsize + 4) for x in v if x.trainable and x.grad)
