@@ -193,16 +193,18 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 4, figsize=(20, 4.4))
+        fig, ax = plt.subplots(1, 4, figsize=(20, 4.6))
         by_alg: dict[str, list] = {}
         for label, cv, s in runs:
             by_alg.setdefault(algorithm_of(label), []).append(cv)
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = {alg: cycle[i % len(cycle)] for i, alg in enumerate(by_alg)}  # one per algorithm, every panel
         for alg, cvs in by_alg.items():  # the seeds' mean, over the iterations they all ran
             n = min(len(cv["reward"]) for cv in cvs)
             mean = lambda key: [sum(cv[key][i] for cv in cvs) / len(cvs) for i in range(n)]  # noqa: E731
             lab = f"{alg} ({len(cvs)} seed{'s' if len(cvs) > 1 else ''})"
-            ax[0].plot(cvs[0]["images"][:n], moving(mean("reward")), label=lab)
-            ax[1].plot(mean("wall_min"), moving(mean("reward")), label=lab)
+            ax[0].plot(cvs[0]["images"][:n], moving(mean("reward")), label=lab, color=color[alg])
+            ax[1].plot(mean("wall_min"), moving(mean("reward")), label=lab, color=color[alg])
         ax[0].set_xlabel("images generated")
         ax[1].set_xlabel("training wall time, min (2-core CPU)")
         for a in ax[:2]:
@@ -216,7 +218,8 @@ def main(argv=None) -> int:
             ax[2].plot([i - 0.2] * len(g["cm"]), g["cm"], "k.", ms=4)
             ax[2].plot([i + 0.2] * len(g["im"]), g["im"], "k.", ms=4)
         ax[2].axhline(0, color="black", lw=0.8)
-        ax[2].set_xticks(x, [f"{g['algorithm']}\n({g['seeds']})" for g in groups], fontsize=8)
+        ax[2].set_xticks(x, [f"{g['algorithm'].replace(', ', chr(10))}\n({g['seeds']})" for g in groups],
+                         fontsize=7, rotation=30)
         ax[2].set_ylabel(f"held-out gain over the base, points ({base['images']} images)")
         ax[2].legend(fontsize=8)
         ax[2].grid(alpha=0.3, axis="y")
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
         for label, cv, _ in runs:
             imgs, cm, _im = eval_curve(run_dirs[label], cv["per_iter"])
             if len(imgs) > 1:
-                ax[3].plot(imgs, [c * 100 for c in cm], "o-", label=label)
+                ax[3].plot(imgs, [c * 100 for c in cm], "o-", label=label, color=color[algorithm_of(label)])
                 drawn = True
         ax[3].axhline(base["accuracy"]["overall"] * 100, color="gray", ls="--", lw=0.8, label="base")
         ax[3].set_xlabel("images generated")
