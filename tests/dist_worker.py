@@ -116,4 +116,5 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())
+    from fastflow.train import exit_rank  # leave as the trainer's ranks do (its docstring says why)
+    exit_rank(main())
