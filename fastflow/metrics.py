@@ -127,8 +127,16 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
             self.wandb = None
+            # finish() only tells wandb's service process that the run is over: the service writes
+            # and uploads the rest afterwards. teardown() waits for it to be done. Without it the
+            # run's file can still be empty when finish() returns (a resumed run started at once
+            # then races it), and a torchrun rank, which leaves with os._exit (exit_rank), would
+            # skip the atexit hook that waits for the upload.
+            wandb.teardown()
 
 
 def _is_eval_cell(key: str) -> bool:

@@ -176,3 +176,29 @@ def test_missing_wandb_package_is_one_line_before_any_run_directory(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "needs the wandb package" in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_close_returns_once_wandb_has_written_the_run(tmp_path, monkeypatch):
+    """MetricsLogger.close() waits for wandb's service: the run's file is complete (run record, every
+    row, the exit record) the moment close() returns, and a resumed logger started at once logs to
+    the same run. wandb's finish() alone returns before the service has written the file: read at
+    once, about one resumed part in two was still empty."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg, _ = toy_cfg(tmp_path)
+    for trial in range(5):
+        rd = tmp_path / f"run{trial}"
+        rd.mkdir()
+        for part in range(2):
+            logger = MetricsLogger(rd, tensorboard=False, config=cfg)
+            for i in range(3):
+                logger.log(3 * part + i, {"reward_mean": 0.1 * i})
+            logger.close()
+        parts = read_wandb_run(rd)
+        assert len(parts) == 2, trial
+        for part, got in enumerate(parts):
+            (f,) = got["dir"].glob("run-*.wandb")
+            kinds = [r.WhichOneof("record_type") for r in wandb_records(f)]
+            assert got["run"] is not None and "exit" in kinds, (trial, part, kinds)
+            assert [h["iteration"] for h in got["history"]] == [3 * part, 3 * part + 1, 3 * part + 2], (trial, part)
+        assert parts[0]["run"].run_id == parts[1]["run"].run_id
