@@ -459,7 +459,7 @@ def test_shipped_algorithm_configs_validate(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of a cat\n")
     names = sorted(p.name for p in root.glob("*.toml") if "nft" in p.name or "awm" in p.name or "guard" in p.name)
-    assert {"sd3_nft_geneval.toml", "sd3_awm_pickscore.toml"} <= set(names)
+    assert {"sd3_nft_geneval.toml", "sd3_awm_pickscore.toml", "sd3_guard_pickscore.toml"} <= set(names)
     for name in names:
         cfg = load_config(str(root / name))
         assert cfg.train.algorithm in ("nft", "awm") or cfg.train.guard
