@@ -5,8 +5,11 @@ Single-process runs (no torchrun) need none of it: every helper degrades to the 
 
 from __future__ import annotations
 
+import glob
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -57,23 +60,59 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _child_pids() -> list[int]:
+    """This process's children, from the parent pid in every /proc/PID/stat (Linux)."""
+    me, pids = os.getpid(), []
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "PID (COMM)": state, ppid, ...
+            if int(fields[1]) == me:
+                pids.append(int(path.split("/")[2]))
+        except (OSError, ValueError, IndexError):
+            continue  # gone since the listing
+    return pids
+
+
+def _pass_signal_to_ranks(signum, frame) -> None:
+    for pid in _child_pids():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def launch_local(nproc: int, module: str, argv: list[str]) -> int:
     """Run ``python -m module *argv`` as ``nproc`` ranks on this machine through torch's launcher
     (torchrun --standalone: a free local port, gloo on CPUs), this process's CPU threads split
     evenly between them. Returns the exit code; a failed rank is reported in one line (its own
-    traceback is above it). Ctrl-C / SIGTERM reach the ranks, which checkpoint and stop."""
+    traceback is above it).
+
+    Ctrl-C / SIGTERM: the ranks finish their iteration, checkpoint and stop. torchrun's agent would
+    answer the signal by sending SIGTERM to the ranks and killing them 30 s later, whether or not
+    they were done; here this process passes SIGINT / SIGTERM on to the ranks instead and waits for
+    them (a rank takes a second signal within a few seconds as the same request, see
+    Trainer._install_signal_handlers)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     threads = max(1, cpu_threads() // nproc)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each rank's torch at start-up
+    launcher = ["--standalone", f"--nproc_per_node={nproc}"]
+    previous = {}
+    if os.path.isfile("/proc/self/stat") and threading.current_thread() is threading.main_thread():
+        launcher += ["--signals-to-handle", "SIGHUP,SIGQUIT"]  # the agent leaves SIGINT / SIGTERM to us
+        previous = {s: signal.signal(s, _pass_signal_to_ranks) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        torchrun_main(["--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv])
+        torchrun_main([*launcher, "-m", module, *argv])
     except ChildFailedError as e:
         rank, info = e.get_first_failure()  # the others were stopped because of it
         print(f"fastflow: rank {rank} of {nproc} failed (exit code {info.exitcode}); see its error above",
               file=sys.stderr)
         return info.exitcode if isinstance(info.exitcode, int) and info.exitcode > 0 else 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

@@ -86,7 +86,8 @@ class Trainer:
         resumed_dir, self._resume_from = resolve_resume(resume, cfg)  # one line, before anything loads
         # rank 0 picks the directory (it may be a fresh "-N" name) and tells the others
         self.run_dir = Path(broadcast_str(str(resumed_dir or self._fresh_run_dir()) if info.is_main else "", info))
-        self.stop_requested = False
+        self.stop_requested = False  # a signal reached this rank
+        self.stop_agreed = False  # some rank's stop request, as every rank knows it (_agreed_stop)
         self.budget_spent = False  # run.max_minutes reached (the run ends with its final evaluation)
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -661,7 +662,10 @@ class Trainer:
                   f"{self.iteration}; stopping", file=sys.stderr)
         self.save()
         final = {}
-        if not self.stop_requested:
+        # Asked to stop (on any rank, at any moment of the loop, its last iteration included):
+        # no final evaluation, on every rank alike, or its collectives would hang.
+        (self.stop_agreed,) = self._any_rank(self.stop_requested)
+        if not self.stop_agreed:
             final = self.evaluate("after")
             self.logger.log(self.iteration, {**final, "final": 1})
             if info.is_main:
@@ -695,17 +699,33 @@ class Trainer:
     def _agreed_stop(self) -> bool:
         """Stop when any rank was asked to or found the time budget spent (ranks see a signal, or
         their clocks cross run.max_minutes, at different iterations; all must leave the loop
-        together or the next collective would hang)."""
-        if self.info.enabled:
-            flags = torch.tensor([float(self.stop_requested), float(self.budget_spent)])
-            all_reduce_sum_(flags, self.info)
-            self.stop_requested, self.budget_spent = bool(flags[0] > 0), bool(flags[1] > 0)
-        return self.stop_requested or self.budget_spent
+        together or the next collective would hang). The agreed request goes to
+        ``self.stop_agreed``; ``self.stop_requested`` is only ever set, never cleared here: a
+        signal handled while the flags are being reduced must count at the next agreement."""
+        self.stop_agreed, self.budget_spent = self._any_rank(self.stop_requested, self.budget_spent)
+        return self.stop_agreed or self.budget_spent
+
+    def _any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true on every rank when it is true on any (one all-reduce; every rank calls it)."""
+        if not self.info.enabled:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([float(f) for f in flags])
+        all_reduce_sum_(t, self.info)
+        return tuple(bool(x > 0) for x in t)
 
     def _install_signal_handlers(self) -> None:
+        first_at = []
+
         def request_stop(signum, frame):
-            if self.stop_requested:  # second signal: stop now (last checkpoint stays intact)
-                raise KeyboardInterrupt
+            if self.stop_requested:
+                # A second signal stops at once (the last checkpoint stays intact), unless it is
+                # the first one delivered again: a terminal's Ctrl-C reaches every rank and the
+                # launcher, which passes it on (fastflow.distributed.launch_local), and a batch
+                # scheduler signals every task of a job.
+                if time.monotonic() - first_at[0] > DUPLICATE_SIGNAL_S:
+                    raise KeyboardInterrupt
+                return
+            first_at.append(time.monotonic())
             self.stop_requested = True
             print(f"\nfastflow: signal {signum}: finishing this iteration, checkpointing, then "
                   f"stopping (send again to stop at once)", file=sys.stderr)
@@ -717,6 +737,8 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+DUPLICATE_SIGNAL_S = 3.0  # a stop signal this soon after the first is the same request delivered twice
 
 class StepStats:
     """The training statistics of one iteration, summed on the device (no host synchronisation

@@ -372,3 +372,68 @@ def test_a_rank_leaves_with_its_exit_status_and_its_output_flushed(tmp_path):
     code = "from fastflow.train import exit_rank; print('the last line'); exit_rank(3)"
     short = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
     assert (short.returncode, short.stdout) == (3, "the last line\n"), short.stderr[-2000:]
+
+
+@pytest.mark.parametrize("who", ["launcher", "every process"])
+def test_a_stop_signal_finishes_the_iteration_checkpoints_and_exits_cleanly(tmp_path, who):
+    """SIGTERM to a `python -m fastflow.train` run of 2 local ranks: sent to the launcher alone (a
+    user's kill or Ctrl-C; torchrun's agent, left to itself, would SIGTERM the ranks and kill them
+    30 s later) or to every process of the run (a batch scheduler; each rank then gets it twice,
+    once passed on by the launcher). Either way every rank finishes its iteration, checkpoints
+    there and the run exits 0: the signal is neither taken as "stop at once" nor turned into a
+    kill by the agent."""
+    run_dir = tmp_path / "runs" / "toy"
+    args = toy_args(tmp_path / "runs", "--run.iterations", "100000", "--checkpoint.every", "0",
+                    "--distributed.cpu_ranks", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "fastflow.train", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marker = str(tmp_path / "runs")
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and \
+                not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        ranks = [pid for pid in _pids_with(marker) if pid != proc.pid]
+        assert len(ranks) == 2, ranks
+        for pid in [proc.pid] + (ranks if who == "every process" else []):
+            os.kill(pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_run(proc, marker)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("finishing this iteration, checkpointing") == 2, err[-3000:]  # once per rank
+    assert "KeyboardInterrupt" not in err and "death signal" not in err, err[-3000:]
+    logged = [int(line.split('"iteration": ')[1].split(",")[0]) for line in metrics.read_text().splitlines()]
+    last = latest_checkpoint(run_dir)
+    assert last is not None and int(last.name.split("-")[1]) == max(logged) >= 3  # where it stopped
+
+
+def _pids_with(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_signal_handled_while_ranks_agree_on_stopping_is_not_lost(monkeypatch):
+    """The ranks agree on stopping with an all-reduce of their flags; a signal handled during it
+    (a Python handler runs between any two bytecodes) sets this rank's request after its flag was
+    sent. That request must count at the next agreement, not be overwritten by this one's result."""
+    t = object.__new__(train_mod.Trainer)
+    t.info = DistInfo(0, 2, 0, torch.device("cpu"))
+    t.stop_requested = t.budget_spent = False
+
+    def reduce_while_a_signal_arrives(flags, info):  # the peer's flags are all zero
+        t.stop_requested = True
+
+    monkeypatch.setattr(train_mod, "all_reduce_sum_", reduce_while_a_signal_arrives)
+    assert t._agreed_stop() is False  # the flags were sent before the signal
+    monkeypatch.setattr(train_mod, "all_reduce_sum_", lambda flags, info: None)
+    assert t._agreed_stop() is True and t.stop_agreed  # the next agreement stops every rank
