@@ -216,15 +216,7 @@ def kill_run(proc: subprocess.Popen, marker: str) -> None:
     killing torchrun's process group leaves the ranks running (they would go on checkpointing
     under the resumed run): kill every process whose command line carries the run's marker."""
     def pids():
-        out = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                        out.append(int(d.name))
-                except OSError:
-                    pass
-        return out
+        return _pids_with(marker)
 
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -411,6 +403,7 @@ def test_a_stop_signal_finishes_the_iteration_checkpoints_and_exits_cleanly(tmp_
 
 
 def _pids_with(marker: str) -> list[int]:
+    """The processes whose command line contains ``marker``."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
