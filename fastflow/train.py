@@ -717,11 +717,11 @@ class Trainer:
         first_at = []
 
         def request_stop(signum, frame):
-            if self.stop_requested:
+            if first_at:
                 # A second signal stops at once (the last checkpoint stays intact), unless it is
-                # the first one delivered again: a terminal's Ctrl-C reaches every rank and the
-                # launcher, which passes it on (fastflow.distributed.launch_local), and a batch
-                # scheduler signals every task of a job.
+                # the first one delivered again: a batch scheduler signals every process of a job,
+                # so a rank gets it directly and once more from the launcher that passes it on
+                # (torchrun's agent, fastflow.distributed.launch_local).
                 if time.monotonic() - first_at[0] > DUPLICATE_SIGNAL_S:
                     raise KeyboardInterrupt
                 return
@@ -739,6 +739,7 @@ class Trainer:
 # ------------------------------------------------------------------------------------ helpers
 
 DUPLICATE_SIGNAL_S = 3.0  # a stop signal this soon after the first is the same request delivered twice
+
 
 class StepStats:
     """The training statistics of one iteration, summed on the device (no host synchronisation
